@@ -1,0 +1,175 @@
+"""The one interface every meta-learning algorithm implements, and the vectorised machinery they share.
+
+An algorithm is a small object holding only static structure (the model skeleton, learning rates,
+step counts); all state lives in a flat parameter dict ``Params``. Its methods are pure functions:
+
+* ``adapt(params, support_x, support_y, steps) -> state``   one task's adapted state (a dict)
+* ``predict(params, state, query_x) -> outputs``            ``[Q, ways]`` logits or ``[Q, 1]`` values
+* ``meta_gradient(params, batch) -> ShardResult``           the call that crosses the Ray boundary:
+  the *sum* over the batch's tasks of each task's meta-gradient, the task count and metric sums.
+* ``evaluate(params, batch, steps) -> {metric: [T]}``       adapt on support, score on query.
+
+Per-task work is vectorised with ``torch.func.vmap`` over tasks, in chunks of ``chunk_size`` tasks
+so memory stays bounded; there is no Python loop over tasks or deep-copied models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from mtl_ray.data.base import TaskBatch, TaskKind
+
+Params = dict[str, torch.Tensor]
+State = dict[str, torch.Tensor]
+
+EXTRA_PREFIX = "meta."  # non-model meta-parameters, e.g. Meta-SGD's learned inner rates
+
+# Metric keys inside a ShardResult / evaluate() result: sums over tasks (divide by num_tasks).
+LOSS = "loss"
+ACC = "acc"
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a worker returns for its shard of a meta-batch."""
+
+    grads: Params  # sum over the shard's tasks of each task's meta-gradient
+    num_tasks: int
+    metrics: dict[str, float] = field(default_factory=dict)  # sums over tasks
+
+
+class MetaAlgorithm(Protocol):
+    name: str
+    kind: TaskKind
+
+    def init_params(self, model_params: Params) -> Params: ...
+
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> State: ...
+
+    def predict(self, params: Params, state: State, query_x: torch.Tensor) -> torch.Tensor: ...
+
+    def meta_gradient(self, params: Params, batch: TaskBatch) -> ShardResult: ...
+
+    def evaluate(self, params: Params, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]: ...
+
+
+
+
+def task_loss_fn(kind: TaskKind) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Cross-entropy on logits ``[Q, N]`` vs labels ``[Q]``; MSE on ``[Q, 1]`` vs ``[Q, 1]``."""
+    return F.cross_entropy if kind == "classification" else F.mse_loss
+
+
+def task_metrics(kind: TaskKind, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    metrics = {LOSS: loss.detach()}
+    if kind == "classification":
+        metrics[ACC] = (out.detach().argmax(-1) == y).to(out.dtype).mean()
+    return metrics
+
+
+def chunks(num_tasks: int, chunk_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of at most ``chunk_size`` tasks (0: one range)."""
+    size = chunk_size if chunk_size > 0 else max(num_tasks, 1)
+    return [(i, min(i + size, num_tasks)) for i in range(0, num_tasks, size)]
+
+
+def add_into(total: Params | None, part: Mapping[str, torch.Tensor]) -> Params:
+    if total is None:
+        return {k: v.clone() for k, v in part.items()}
+    for k, v in part.items():
+        total[k] += v
+    return total
+
+
+def _accumulate(sums: dict[str, float], metrics: Mapping[str, torch.Tensor]) -> None:
+    for k, v in metrics.items():
+        sums[k] = sums.get(k, 0.0) + float(v.sum())
+
+
+class FunctionalAlgorithm:
+    """Shared machinery: model application, losses and the chunked ``vmap(grad(task_loss))``.
+
+    Subclasses define ``adapt`` and ``predict``; the per-task meta-objective is
+    ``loss(predict(params, adapt(params, support), query_x), query_y)`` for all of them
+    (Reptile overrides :meth:`meta_gradient`).
+    """
+
+    name = "base"
+
+    def __init__(self, model: nn.Module, *, kind: TaskKind, inner_lr: float = 0.0, inner_steps: int = 0,
+                 first_order: bool = False, chunk_size: int = 0):
+        self.model = model
+        self.kind: TaskKind = kind
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = int(inner_steps)
+        self.first_order = bool(first_order)
+        self.chunk_size = int(chunk_size)
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The per-task loss of outputs ``out`` against targets ``y`` (mean over query examples)."""
+        return task_loss_fn(self.kind)(out, y)
+
+    # ---------------------------------------------------------------- model application
+    def model_params(self, params: Params) -> Params:
+        """The entries of ``params`` that belong to the model (drops learned inner rates etc.)."""
+        return {k: v for k, v in params.items() if not k.startswith(EXTRA_PREFIX)}
+
+    def apply(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, params, (x,))
+
+    def init_params(self, model_params: Params) -> Params:
+        return dict(model_params)
+
+    # ---------------------------------------------------------------- per-task pure functions
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> State:
+        raise NotImplementedError
+
+    def predict(self, params: Params, state: State, query_x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def task_objective(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
+                       qy: torch.Tensor, steps: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.predict(params, self.adapt(params, sx, sy, steps), qx)
+        loss = self.loss(out, qy)
+        return loss, task_metrics(self.kind, out, qy, loss)
+
+    # ---------------------------------------------------------------- batched entry points
+    def meta_gradient(self, params: Params, batch: TaskBatch) -> ShardResult:
+        """Sum over tasks of ``d loss_query(adapt(params, support)) / d params`` (vectorised)."""
+        steps = self.inner_steps
+
+        def objective(p: Params, sx, sy, qx, qy):
+            return self.task_objective(p, sx, sy, qx, qy, steps)
+
+        per_task = vmap(grad(objective, has_aux=True), in_dims=(None, 0, 0, 0, 0))
+        total: Params | None = None
+        sums: dict[str, float] = {}
+        for start, stop in chunks(batch.num_tasks, self.chunk_size):
+            part = batch.slice(start, stop)
+            grads, metrics = per_task(params, part.support_x, part.support_y, part.query_x, part.query_y)
+            total = add_into(total, {k: g.sum(0) for k, g in grads.items()})
+            _accumulate(sums, metrics)
+        assert total is not None, "meta_gradient needs at least one task"
+        return ShardResult(grads=total, num_tasks=batch.num_tasks, metrics=sums)
+
+    def evaluate(self, params: Params, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
+        """Per-task metrics ``{name: [T]}`` after adapting each task on its support set for ``steps`` steps."""
+        params = {k: v.detach() for k, v in params.items()}
+
+        def score(p: Params, sx, sy, qx, qy):
+            return self.task_objective(p, sx, sy, qx, qy, steps)[1]
+
+        per_task = vmap(score, in_dims=(None, 0, 0, 0, 0))
+        parts: list[dict[str, torch.Tensor]] = []
+        with torch.no_grad():  # torch.func.grad inside adapt still works: it ignores an outer no_grad
+            for start, stop in chunks(batch.num_tasks, self.chunk_size):
+                part = batch.slice(start, stop)
+                parts.append(per_task(params, part.support_x, part.support_y, part.query_x, part.query_y))
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

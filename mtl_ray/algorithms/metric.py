@@ -1,0 +1,78 @@
+"""Metric-based learners: the support set defines a classifier without gradient steps.
+
+* Prototypical Networks — Snell, Swersky, Zemel. "Prototypical Networks for Few-shot Learning",
+  NeurIPS 2017. Logits are negative squared Euclidean distances to class-mean embeddings.
+* Relation Networks — Sung, Yang, Zhang, Xiang, Torr, Hospedales. "Learning to Compare: Relation
+  Network for Few-Shot Learning", CVPR 2018. A learned module scores (query, class) feature pairs
+  in (0, 1), trained with MSE against one-hot targets; class features are sums over the shots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from mtl_ray.algorithms.base import FunctionalAlgorithm, Params, State
+from mtl_ray.algorithms.gradient import sub
+
+
+def one_hot(y: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor:
+    """``y [M]`` -> ``[M, ways]`` (vmap-safe: a comparison, not ``F.one_hot``)."""
+    return (y.unsqueeze(-1) == torch.arange(ways, device=y.device)).to(dtype)
+
+
+class ProtoNet(FunctionalAlgorithm):
+    name = "protonet"
+
+    def __init__(self, model, *, ways: int, **kwargs):
+        super().__init__(model, **kwargs)
+        self.ways = ways
+
+    def embed(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model.body, sub(params, "body."), (x,)).flatten(1)
+
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int = 0) -> State:
+        """Prototypes ``[N, D]``: the mean embedding of each class's support examples."""
+        z = self.embed(params, support_x)  # [N*K, D]
+        onehot = one_hot(support_y, self.ways, z.dtype)  # [N*K, N]
+        protos = (onehot.t() @ z) / onehot.sum(0).clamp_min(1.0).unsqueeze(-1)
+        return {"prototypes": protos}
+
+    def predict(self, params: Params, state: State, query_x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[Q, N]`` = ``-||f(x_q) - c_n||^2``."""
+        zq = self.embed(params, query_x)  # [Q, D]
+        return -(zq.unsqueeze(1) - state["prototypes"].unsqueeze(0)).pow(2).sum(-1)
+
+
+class RelationNetwork(FunctionalAlgorithm):
+    name = "relationnet"
+
+    def __init__(self, model, *, ways: int, **kwargs):
+        super().__init__(model, **kwargs)
+        self.ways = ways
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """MSE between relation scores ``[Q, N]`` and one-hot targets (Sung et al. 2018, eq. 3)."""
+        return F.mse_loss(out, one_hot(y, self.ways, out.dtype))
+
+    def encode(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model.body, sub(params, "body."), (x,))  # [M, C, s, s]
+
+    def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int = 0) -> State:
+        """Class feature maps ``[N, C, s, s]``: sums of each class's support embeddings."""
+        f = self.encode(params, support_x)
+        onehot = one_hot(support_y, self.ways, f.dtype)  # [N*K, N]
+        summed = onehot.t() @ f.flatten(1)
+        return {"class_features": summed.view(self.ways, *f.shape[1:])}
+
+    def predict(self, params: Params, state: State, query_x: torch.Tensor) -> torch.Tensor:
+        """Relation scores ``[Q, N]`` in (0, 1)."""
+        fq = self.encode(params, query_x)  # [Q, C, s, s]
+        fc = state["class_features"]  # [N, C, s, s]
+        q, n = fq.shape[0], fc.shape[0]
+        pairs = torch.cat([fc.unsqueeze(0).expand(q, *fc.shape), fq.unsqueeze(1).expand(q, n, *fq.shape[1:])],
+                          dim=2).flatten(0, 1)  # [Q*N, 2C, s, s]
+        z = functional_call(self.model.relation, sub(params, "relation."), (pairs,)).flatten(1)
+        z = torch.relu(functional_call(self.model.fc1, sub(params, "fc1."), (z,)))
+        return torch.sigmoid(functional_call(self.model.fc2, sub(params, "fc2."), (z,))).view(q, n)

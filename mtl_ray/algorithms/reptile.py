@@ -1,0 +1,45 @@
+"""Reptile — Nichol, Achiam, Schulman. "On First-Order Meta-Learning Algorithms", arXiv:1803.02999, 2018.
+
+Each task runs ``inner_steps`` SGD steps from the shared weights ``theta`` on its support set to
+``phi``; the meta-"gradient" of a task is ``theta - phi``, so an outer SGD step with rate ``eps``
+is exactly Reptile's ``theta <- theta + eps * mean(phi - theta)`` (Adam may be used instead).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import vmap
+
+from mtl_ray.algorithms.base import ShardResult, _accumulate, add_into, chunks, task_metrics
+from mtl_ray.algorithms.gradient import MAML
+from mtl_ray.data.base import TaskBatch
+
+
+class Reptile(MAML):
+    name = "reptile"
+
+    def __init__(self, *args, **kwargs):
+        kwargs["first_order"] = True  # Reptile never differentiates through the inner loop
+        super().__init__(*args, **kwargs)
+
+    def meta_gradient(self, params, batch: TaskBatch) -> ShardResult:
+        params = {k: v.detach() for k, v in params.items()}
+        steps = self.inner_steps
+
+        def per_task(p, sx, sy, qx, qy):
+            phi = self.adapt(p, sx, sy, steps)
+            out = self.predict(p, phi, qx)
+            delta = {k: p[k] - phi[k] for k in phi}
+            return delta, task_metrics(self.kind, out, qy, self.loss(out, qy))
+
+        batched = vmap(per_task, in_dims=(None, 0, 0, 0, 0))
+        total = None
+        sums: dict[str, float] = {}
+        with torch.no_grad():
+            for start, stop in chunks(batch.num_tasks, self.chunk_size):
+                part = batch.slice(start, stop)
+                delta, metrics = batched(params, part.support_x, part.support_y, part.query_x, part.query_y)
+                total = add_into(total, {k: d.sum(0) for k, d in delta.items()})
+                _accumulate(sums, metrics)
+        assert total is not None, "meta_gradient needs at least one task"
+        return ShardResult(grads=total, num_tasks=batch.num_tasks, metrics=sums)

@@ -1,0 +1,375 @@
+"""Configuration: YAML -> validated, typed, frozen config objects.
+
+One path for every entry point: ``load_config(path, overrides)`` reads a YAML file, applies
+``section.key=value`` overrides (values parsed as YAML scalars), type-checks every field, runs the
+static semantic checks and raises a single :class:`ConfigError` that lists *every* problem found.
+Checks that need the data (e.g. ``ways`` larger than the classes a split has) are added by
+:func:`mtl_ray.data.check_data` so the CLI can report both kinds together before anything starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DATA_DIR_ENV = "MTL_RAY_DATA_DIR"
+
+SOURCES = ("omniglot", "sinusoid", "parquet", "digits")
+MODELS = ("mlp", "conv4")
+ALGORITHMS = ("maml", "metasgd", "reptile", "anil", "protonet", "relationnet")
+OPTIMIZERS = ("adam", "sgd")
+DOWNSAMPLE = ("pool", "stride")
+CONV_IMPLS = ("im2col", "native")
+OMNIGLOT_ARCHIVES = (
+    "images_background",
+    "images_evaluation",
+    "images_background_small1",
+    "images_background_small2",
+)
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, reported together."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid config ({len(self.problems)} problem(s)):\n{lines}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where tasks come from and their shape (N-way K-shot with Q queries per class)."""
+
+    source: str = "omniglot"
+    root: str = ""  # data directory; "" means $MTL_RAY_DATA_DIR, else ./data
+    download: bool = False  # fetch missing archives from the upstream URL
+    ways: int = 5
+    shots: int = 1  # support examples per class (sinusoid: support points)
+    queries: int = 15  # query examples per class (sinusoid: query points)
+    image_size: int = 28
+    # Omniglot
+    archives: tuple[str, ...] = ("images_background_small1", "images_background_small2")
+    val_alphabets: tuple[str, ...] = ("Early_Aramaic",)
+    test_alphabets: tuple[str, ...] = ("Korean", "Tagalog")
+    rotations: bool = True  # 90/180/270-degree rotations of train classes as new classes
+    # Parquet image tables (and digits): classes split by a deterministic hash of the label
+    path: str = ""
+    val_fraction: float = 0.0
+    test_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "conv4"
+    hidden_sizes: tuple[int, ...] = (40, 40)  # mlp
+    channels: int = 64  # conv4 filters per block
+    blocks: int = 4
+    downsample: str = "pool"  # "pool": 2x2 max-pool per block (Vinyals et al.); "stride": stride-2 convs
+    conv_impl: str = "im2col"  # "im2col": convolutions as matmuls (fast under vmap); "native": F.conv2d
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = "maml"
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    eval_inner_steps: int | None = None  # None: same as inner_steps
+    first_order: bool = False
+    task_chunk_size: int = 0  # tasks per vmap call; 0: the whole shard at once
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    optimizer: str = "adam"
+    outer_lr: float = 1e-3
+    meta_batch_size: int = 32
+    steps: int = 1000
+    grad_clip: float = 0.0  # max global norm of the meta-gradient; 0 disables
+    val_every: int = 100  # meta-validate every N steps; 0 disables
+    val_tasks: int = 64
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 0  # 0: in-process; N: N Ray worker actors
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    torch_threads: int = 0  # 0: torch's default
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    run_dir: str = "runs"
+    run_name: str = ""  # "" -> derived from the config name and a timestamp
+    checkpoint_every: int = 100
+    log_every: int = 10
+    progress: bool = True
+    experiment: str = "mtl-ray"
+    uri: str = ""  # MLflow tracking URI; "" -> local store under run_dir
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **overrides: Any) -> Config:
+        """Apply ``{"section.key": value}`` overrides and re-validate."""
+        return from_dict(self.to_dict(), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+
+    @property
+    def eval_inner_steps(self) -> int:
+        a = self.algorithm
+        return a.inner_steps if a.eval_inner_steps is None else a.eval_inner_steps
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check ``value`` against a field type; return the coerced value (or None after a problem)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where, problems)
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, str) or not isinstance(value, Iterable):
+            value = [value] if value not in ("", None) else []
+        items = [_coerce(v, item_tp, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+        return tuple(items)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{where}: got {value!r} ({type(value).__name__}), expected true or false")
+        return None
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.append(f"{where}: got {value!r} ({type(value).__name__}), expected an integer")
+        return None
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        problems.append(f"{where}: got {value!r} ({type(value).__name__}), expected a number")
+        return None
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{where}: got {value!r} ({type(value).__name__}), expected a string")
+        return None
+    raise TypeError(f"unsupported config field type {tp!r} at {where}")
+
+
+def _unknown(key: str, known: Iterable[str], where: str) -> str:
+    known = sorted(known)
+    near = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {near[0]!r}?" if near else ""
+    return f"{where}{key}: unknown key{hint} (known: {', '.join(known)})"
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], problems: list[str]) -> dict[str, Any]:
+    """``["optim.outer_lr=0.01", "seed=3"]`` applied onto a nested dict (values parsed as YAML)."""
+    out: dict[str, Any] = json.loads(json.dumps(dict(raw)))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"override {item!r}: expected key=value, e.g. optim.outer_lr=0.001")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            problems.append(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})")
+            continue
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                problems.append(f"override {item!r}: {part!r} is not a section")
+                break
+            node = nxt
+        else:
+            node[parts[-1]] = value
+    return out
+
+
+def from_dict(raw: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
+    """Build a validated :class:`Config`; raises :class:`ConfigError` listing every problem."""
+    problems: list[str] = []
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"config: got a {type(raw).__name__}, expected a mapping of sections"])
+    merged = apply_overrides(raw, overrides, problems)
+    sections = _sections()
+    top_hints = typing.get_type_hints(Config)
+    kwargs: dict[str, Any] = {}
+    for key, value in merged.items():
+        if key in sections:
+            cls = sections[key]
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                problems.append(f"{key}: got {value!r}, expected a mapping of {cls.__name__} fields")
+                continue
+            hints = typing.get_type_hints(cls)
+            fields = {f.name for f in dataclasses.fields(cls)}
+            sub: dict[str, Any] = {}
+            for k, v in value.items():
+                if k not in fields:
+                    problems.append(_unknown(k, fields, f"{key}."))
+                    continue
+                sub[k] = _coerce(v, hints[k], f"{key}.{k}", problems)
+            kwargs[key] = sub
+        elif key in top_hints:
+            kwargs[key] = _coerce(value, top_hints[key], key, problems)
+        else:
+            problems.append(_unknown(key, top_hints, ""))
+    if problems:
+        raise ConfigError(problems)
+    built = {k: sections[k](**v) if k in sections else v for k, v in kwargs.items()}
+    cfg = Config(**built)
+    problems = check_static(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
+    raw: Any = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"config file {str(p)!r} does not exist; pass a YAML file such as "
+                               "jobs/configs/omniglot_maml.yaml"])
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"config file {str(p)!r} is not valid YAML: {e}"]) from None
+        if isinstance(raw, Mapping) and "name" not in raw:
+            raw = {"name": p.stem, **raw}
+    return from_dict(raw, overrides)
+
+
+# --------------------------------------------------------------------------- semantic checks
+
+
+def _positive(problems: list[str], where: str, value: float, *, allow_zero: bool = False) -> None:
+    bad = value < 0 if allow_zero else value <= 0
+    if bad:
+        want = ">= 0" if allow_zero else "> 0"
+        problems.append(f"{where}: got {value!r}, expected a value {want}")
+
+
+def _choice(problems: list[str], where: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        problems.append(f"{where}: got {value!r}, expected one of: {', '.join(choices)}")
+
+
+def is_regression(cfg: Config) -> bool:
+    return cfg.data.source == "sinusoid"
+
+
+def check_static(cfg: Config) -> list[str]:
+    """Checks that need no data. Data-dependent checks live in :func:`mtl_ray.data.check_data`."""
+    p: list[str] = []
+    d, m, a, o, s, t = cfg.data, cfg.model, cfg.algorithm, cfg.optim, cfg.scaling, cfg.tracking
+    _choice(p, "data.source", d.source, SOURCES)
+    _choice(p, "model.name", m.name, MODELS)
+    _choice(p, "algorithm.name", a.name, ALGORITHMS)
+    _choice(p, "optim.optimizer", o.optimizer, OPTIMIZERS)
+    _choice(p, "model.downsample", m.downsample, DOWNSAMPLE)
+    _choice(p, "model.conv_impl", m.conv_impl, CONV_IMPLS)
+    for name in d.archives:
+        _choice(p, "data.archives", name, OMNIGLOT_ARCHIVES)
+    if not is_regression(cfg) and d.ways < 2:
+        p.append(f"data.ways: got {d.ways}, expected >= 2 (a classification task needs two classes)")
+    _positive(p, "data.shots", d.shots)
+    _positive(p, "data.queries", d.queries)
+    _positive(p, "data.image_size", d.image_size)
+    for frac_name in ("val_fraction", "test_fraction"):
+        v = getattr(d, frac_name)
+        if not 0.0 <= v < 1.0:
+            p.append(f"data.{frac_name}: got {v}, expected a fraction in [0, 1)")
+    if d.val_fraction + d.test_fraction >= 1.0:
+        p.append(f"data.val_fraction + data.test_fraction: got {d.val_fraction + d.test_fraction}, "
+                 "expected < 1 so some classes remain for training")
+    both = sorted(set(d.val_alphabets) & set(d.test_alphabets))
+    if d.source == "omniglot" and both:
+        p.append(f"data.val_alphabets and data.test_alphabets share {both}; an alphabet may be in one split only")
+    if d.source == "parquet" and not d.path:
+        p.append("data.path: empty, expected the Parquet file to read when data.source=parquet "
+                 "(make one with `mtl-ray data convert IMAGE_DIR OUT.parquet`)")
+    _positive(p, "algorithm.inner_lr", a.inner_lr, allow_zero=True)
+    _positive(p, "algorithm.inner_steps", a.inner_steps, allow_zero=a.name in ("protonet", "relationnet"))
+    if a.eval_inner_steps is not None:
+        _positive(p, "algorithm.eval_inner_steps", a.eval_inner_steps, allow_zero=True)
+    _positive(p, "algorithm.task_chunk_size", a.task_chunk_size, allow_zero=True)
+    _positive(p, "optim.outer_lr", o.outer_lr)
+    _positive(p, "optim.meta_batch_size", o.meta_batch_size)
+    _positive(p, "optim.steps", o.steps)
+    _positive(p, "optim.grad_clip", o.grad_clip, allow_zero=True)
+    _positive(p, "optim.val_every", o.val_every, allow_zero=True)
+    _positive(p, "optim.val_tasks", o.val_tasks)
+    _positive(p, "scaling.num_workers", s.num_workers, allow_zero=True)
+    _positive(p, "scaling.cpus_per_worker", s.cpus_per_worker, allow_zero=True)
+    _positive(p, "scaling.gpus_per_worker", s.gpus_per_worker, allow_zero=True)
+    _positive(p, "scaling.torch_threads", s.torch_threads, allow_zero=True)
+    _positive(p, "tracking.checkpoint_every", t.checkpoint_every, allow_zero=True)
+    _positive(p, "tracking.log_every", t.log_every)
+    if is_regression(cfg):
+        if a.name in ("protonet", "relationnet"):
+            p.append(f"algorithm.name: got {a.name!r} with data.source=sinusoid (regression); "
+                     "expected one of maml, metasgd, reptile, anil")
+        if m.name != "mlp":
+            p.append(f"model.name: got {m.name!r} with data.source=sinusoid, expected 'mlp'")
+    elif a.name == "relationnet" and m.name != "conv4":
+        p.append(f"model.name: got {m.name!r} with algorithm.name=relationnet, expected 'conv4'")
+    if m.name == "conv4" and m.downsample == "pool" and d.image_size < 2 ** m.blocks:
+        p.append(f"data.image_size: got {d.image_size}, expected >= {2 ** m.blocks} for {m.blocks} "
+                 "pooling blocks (lower model.blocks or raise the image size)")
+    return p

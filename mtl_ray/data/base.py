@@ -1,0 +1,167 @@
+"""Task batches, the task-source protocol and deterministic per-task randomness.
+
+A task is a pure function of ``(seed, split, step, index)``: :func:`task_rng` derives an
+independent generator for each task, so a batch sampled whole, in chunks, or in shards spread over
+any number of workers contains bit-identical tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+Split = Literal["train", "val", "test", "all"]
+SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
+_SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
+
+TaskKind = Literal["classification", "regression"]
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """``T`` tasks stacked on dim 0.
+
+    Classification (N ways, K shots, Q queries per class, images ``C x H x W``):
+      ``support_x [T, N*K, C, H, W]``, ``support_y [T, N*K]`` (int64 in ``[0, N)``),
+      ``query_x [T, N*Q, C, H, W]``, ``query_y [T, N*Q]``.
+    Regression (K support points, Q query points, ``D`` input features):
+      ``support_x [T, K, D]``, ``support_y [T, K, 1]``, ``query_x [T, Q, D]``, ``query_y [T, Q, 1]``.
+    """
+
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.support_x.shape[0])
+
+    def slice(self, start: int, stop: int) -> TaskBatch:
+        return TaskBatch(self.support_x[start:stop], self.support_y[start:stop],
+                         self.query_x[start:stop], self.query_y[start:stop])
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TaskBatch:
+        def mv(t: torch.Tensor) -> torch.Tensor:
+            if dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=dtype)
+            return t.to(device=device)
+
+        return TaskBatch(mv(self.support_x), mv(self.support_y), mv(self.query_x), mv(self.query_y))
+
+    @staticmethod
+    def stack(tasks: Sequence[TaskBatch]) -> TaskBatch:
+        return TaskBatch(*(torch.cat([getattr(t, f) for t in tasks])
+                           for f in ("support_x", "support_y", "query_x", "query_y")))
+
+
+@runtime_checkable
+class TaskSource(Protocol):
+    """Something that turns ``(split, step, indices)`` into a :class:`TaskBatch`.
+
+    ``kind`` is "classification" or "regression"; ``x_shape`` is one input's shape
+    (``(C, H, W)`` for images, ``(D,)`` for vectors); ``ways`` the outputs a model needs.
+    """
+
+    kind: TaskKind
+    x_shape: tuple[int, ...]
+    ways: int
+    md5s: dict[str, str]
+
+    def sample(self, split: str, step: int, indices: Sequence[int]) -> TaskBatch: ...
+
+    def num_classes(self, split: str) -> int: ...
+
+
+def task_rng(seed: int, split: str, step: int, index: int) -> np.random.Generator:
+    """An independent generator for one task, a pure function of its coordinates."""
+    if split not in _SPLIT_IDS:
+        raise ValueError(f"split: got {split!r}, expected one of {SPLITS}")
+    if min(seed, step, index) < 0:
+        raise ValueError(f"task coordinates must be >= 0, got seed={seed} step={step} index={index}")
+    return np.random.default_rng(np.random.SeedSequence([seed, _SPLIT_IDS[split], step, index]))
+
+
+def stable_fraction(text: str) -> float:
+    """A deterministic value in [0, 1) for a string (used to split classes by label)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
+
+
+@dataclass(frozen=True)
+class ClassPool:
+    """Images of one split grouped by class: ``images[c]`` is ``[n_c, C, H, W]`` uint8.
+
+    ``rotations`` > 1 adds each class rotated by 90°·r as a new class (Santoro et al. 2016),
+    so the pool has ``len(images) * rotations`` classes.
+    """
+
+    names: tuple[str, ...]
+    images: tuple[np.ndarray, ...]
+    rotations: int = 1
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.images) * self.rotations
+
+    @property
+    def min_examples(self) -> int:
+        return min((len(x) for x in self.images), default=0)
+
+    def episode(self, rng: np.random.Generator, ways: int, shots: int, queries: int) -> tuple[np.ndarray, ...]:
+        """One N-way episode: (support_x [N*K,C,H,W] uint8, support_y [N*K], query_x, query_y)."""
+        classes = rng.choice(self.num_classes, size=ways, replace=False)
+        sx, sy, qx, qy = [], [], [], []
+        for label, cls in enumerate(classes):
+            base, rot = divmod(int(cls), self.rotations)
+            pool = self.images[base]
+            pick = rng.choice(len(pool), size=shots + queries, replace=False)
+            imgs = pool[pick]
+            if rot:
+                imgs = np.rot90(imgs, k=rot, axes=(-2, -1))
+            sx.append(imgs[:shots])
+            qx.append(imgs[shots:])
+            sy.append(np.full(shots, label))
+            qy.append(np.full(queries, label))
+        return np.concatenate(sx), np.concatenate(sy), np.concatenate(qx), np.concatenate(qy)
+
+
+def to_float_images(x: np.ndarray) -> torch.Tensor:
+    """uint8 images (ink = 255) -> float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(x)).float().div_(255.0)
+
+
+class PoolTaskSource:
+    """A :class:`TaskSource` over per-split :class:`ClassPool` s (Omniglot, Parquet, digits)."""
+
+    kind: TaskKind = "classification"
+
+    def __init__(self, pools: dict[str, ClassPool], *, seed: int, ways: int, shots: int, queries: int,
+                 md5s: dict[str, str] | None = None, name: str = "images"):
+        self.pools = pools
+        self.seed = seed
+        self.ways = ways
+        self.shots = shots
+        self.queries = queries
+        self.md5s = dict(md5s or {})
+        self.name = name
+        any_pool = next(p for p in pools.values() if p.images)
+        self.x_shape = tuple(int(s) for s in any_pool.images[0].shape[1:])
+
+    def num_classes(self, split: str) -> int:
+        return self.pools[split].num_classes
+
+    def min_examples(self, split: str) -> int:
+        return self.pools[split].min_examples
+
+    def sample(self, split: str, step: int, indices: Sequence[int]) -> TaskBatch:
+        pool = self.pools[split]
+        parts = [pool.episode(task_rng(self.seed, split, step, int(i)), self.ways, self.shots, self.queries)
+                 for i in indices]
+        sx, sy, qx, qy = (np.stack([p[k] for p in parts]) for k in range(4))
+        return TaskBatch(to_float_images(sx), torch.from_numpy(sy).long(),
+                         to_float_images(qx), torch.from_numpy(qy).long())

@@ -1,0 +1,16 @@
+"""Metric names: the one vocabulary used by the trainer, the logs, MLflow and Tune."""
+
+META_TRAIN_LOSS = "meta_train/loss"
+META_TRAIN_ACC = "meta_train/acc"
+META_TRAIN_TASKS_PER_S = "meta_train/tasks_per_s"
+META_TRAIN_SKIPPED_STEPS = "meta_train/skipped_steps"
+META_TRAIN_GRAD_NORM = "meta_train/grad_norm"
+META_VAL_LOSS = "meta_val/loss"
+META_VAL_ACC = "meta_val/acc"
+META_TEST_LOSS = "meta_test/loss"
+META_TEST_ACC = "meta_test/acc"
+
+
+def prefixed(phase: str, sums: dict[str, float], num_tasks: int) -> dict[str, float]:
+    """``{"loss": s}`` summed over ``num_tasks`` tasks -> ``{"<phase>/loss": s / num_tasks}``."""
+    return {f"{phase}/{k}": v / max(num_tasks, 1) for k, v in sums.items()}

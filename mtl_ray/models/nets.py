@@ -1,0 +1,98 @@
+"""Model skeletons. Parameters live in dicts and are applied with ``torch.func.functional_call``.
+
+Every model has a ``body`` (feature extractor) and, when ``out_features > 0``, a linear ``head``;
+ANIL adapts only ``head.*`` and metric-based learners use the body alone.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mtl_ray.models.layers import ConvBlock, block_output_size
+
+HEAD_PREFIX = "head."
+
+
+class MLP(nn.Module):
+    """``x [N, D] -> [N, out]``; 1-40-40-1 for sinusoid regression (Finn et al. 2017)."""
+
+    def __init__(self, in_features: int, hidden_sizes: tuple[int, ...], out_features: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        prev = in_features
+        for h in hidden_sizes:
+            layers += [nn.Linear(prev, h), nn.ReLU()]
+            prev = h
+        self.body = nn.Sequential(nn.Flatten(), *layers)
+        self.feature_dim = prev
+        self.head = nn.Linear(prev, out_features) if out_features else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.body(x)
+        return self.head(z) if self.head is not None else z
+
+
+class Conv4(nn.Module):
+    """The standard 4-block conv net (Vinyals et al. 2016; Finn et al. 2017).
+
+    ``x [N, C, S, S] -> [N, out]`` (or ``[N, feature_dim]`` without a head). Each block is a
+    3x3 conv with ``channels`` filters, batch norm, ReLU and 2x2 max-pool (``downsample="pool"``) or
+    a stride-2 conv (``"stride"``); ``pooled_blocks`` limits downsampling to the first blocks
+    (Relation Networks keep the last two at full size).
+    """
+
+    def __init__(self, in_channels: int, image_size: int, out_features: int, *, channels: int = 64,
+                 blocks: int = 4, downsample: str = "pool", impl: str = "im2col",
+                 pooled_blocks: int | None = None, flatten: bool = True):
+        super().__init__()
+        pooled = blocks if pooled_blocks is None else pooled_blocks
+        self.body = nn.Sequential(*[
+            ConvBlock(in_channels if i == 0 else channels, channels, downsample=downsample,
+                      pool=i < pooled, impl=impl)
+            for i in range(blocks)
+        ])
+        self.flatten = flatten
+        side = block_output_size(image_size, blocks, downsample, pooled)
+        self.out_shape = (channels, side, side)
+        self.feature_dim = channels * side * side
+        self.head = nn.Linear(self.feature_dim, out_features) if out_features else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.body(x)
+        if self.flatten:
+            z = z.flatten(1)
+        return self.head(z) if self.head is not None else z
+
+
+class RelationNet(nn.Module):
+    """Relation Network (Sung et al., CVPR 2018): embedding ``f`` and relation module ``g``.
+
+    ``body``: Conv4 with the first two blocks pooled -> ``[N, 64, S/4, S/4]`` feature maps.
+    ``relation``: two conv blocks on concatenated pairs ``[P, 128, S/4, S/4]`` -> FC(8) -> FC(1) ->
+    sigmoid, giving relation scores in (0, 1).
+    """
+
+    def __init__(self, in_channels: int, image_size: int, *, channels: int = 64, downsample: str = "pool",
+                 impl: str = "im2col", hidden: int = 8):
+        super().__init__()
+        self.encoder = Conv4(in_channels, image_size, 0, channels=channels, blocks=4, downsample=downsample,
+                             impl=impl, pooled_blocks=2, flatten=False)
+        self.body = self.encoder.body
+        c, s, _ = self.encoder.out_shape
+        self.relation = nn.Sequential(
+            ConvBlock(2 * c, c, downsample=downsample, impl=impl),
+            ConvBlock(c, c, downsample=downsample, impl=impl),
+        )
+        side = block_output_size(s, 2, downsample)
+        self.fc1 = nn.Linear(c * side * side, hidden)
+        self.fc2 = nn.Linear(hidden, 1)
+        self.feature_shape = (c, s, s)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def relate(self, pairs: torch.Tensor) -> torch.Tensor:
+        """``pairs [P, 2C, s, s]`` -> scores ``[P]`` in (0, 1)."""
+        z = self.relation(pairs).flatten(1)
+        return torch.sigmoid(self.fc2(torch.relu(self.fc1(z)))).squeeze(-1)
