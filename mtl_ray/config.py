@@ -37,7 +37,11 @@ OMNIGLOT_ARCHIVES = (
 )
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """Bad input from a user (config, data, checkpoint): the CLI prints it and exits 2, no traceback."""
+
+
+class ConfigError(UserError):
     """Every problem found in a config, reported together."""
 
     def __init__(self, problems: Sequence[str]):

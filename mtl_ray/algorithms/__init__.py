@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 
 from mtl_ray.algorithms.base import ACC, LOSS, FunctionalAlgorithm, MetaAlgorithm, Params, ShardResult
@@ -9,10 +11,31 @@ from mtl_ray.algorithms.gradient import ANIL, MAML, MetaSGD
 from mtl_ray.algorithms.metric import ProtoNet, RelationNetwork
 from mtl_ray.algorithms.reptile import Reptile
 from mtl_ray.config import Config
+from mtl_ray.data import build_task_source
+from mtl_ray.data.base import TaskSource
+from mtl_ray.models import build_model, initial_params
 
-__all__ = ["ACC", "ALGORITHMS", "ANIL", "LOSS", "MAML", "FunctionalAlgorithm", "MetaAlgorithm", "MetaSGD",
-           "Params", "ProtoNet", "RelationNetwork", "Reptile", "ShardResult", "build_algorithm",
-           "uses_head"]
+__all__ = [
+    "ACC",
+    "ALGORITHMS",
+    "ANIL",
+    "LOSS",
+    "MAML",
+    "FunctionalAlgorithm",
+    "Learner",
+    "MetaAlgorithm",
+    "MetaSGD",
+    "Params",
+    "ProtoNet",
+    "RelationNetwork",
+    "Reptile",
+    "ShardResult",
+    "TaskShape",
+    "build_algorithm",
+    "build_learner",
+    "initial_meta_params",
+    "uses_head",
+]
 
 ALGORITHMS: dict[str, type[FunctionalAlgorithm]] = {
     cls.name: cls for cls in (MAML, MetaSGD, Reptile, ANIL, ProtoNet, RelationNetwork)
@@ -34,3 +57,43 @@ def build_algorithm(cfg: Config, model: nn.Module, kind: str, ways: int) -> Func
     if cls in (ProtoNet, RelationNetwork):
         return cls(model, ways=ways, **kwargs)
     return cls(model, **kwargs)
+
+
+@dataclass(frozen=True)
+class TaskShape:
+    """What a model must fit: task kind, one input's shape and the number of outputs (ways)."""
+
+    kind: str
+    x_shape: tuple[int, ...]
+    ways: int
+
+    @staticmethod
+    def of(source: TaskSource) -> TaskShape:
+        return TaskShape(source.kind, tuple(source.x_shape), int(source.ways))
+
+
+@dataclass(frozen=True)
+class Learner:
+    """Everything a process needs to compute meta-gradients for a config (``source`` may be None
+    when only adapting and predicting, e.g. from a checkpoint)."""
+
+    shape: TaskShape
+    model: nn.Module
+    algorithm: FunctionalAlgorithm
+    source: TaskSource | None = None
+
+
+def build_learner(cfg: Config, source: TaskSource | None = None, shape: TaskShape | None = None) -> Learner:
+    """Model skeleton and algorithm for ``shape``; builds the task source from ``cfg.data`` when
+    neither a source nor a shape is given."""
+    if shape is None:
+        source = build_task_source(cfg) if source is None else source
+        shape = TaskShape.of(source)
+    out = shape.ways if uses_head(cfg.algorithm.name) else 0
+    model = build_model(cfg, shape.x_shape, out)
+    return Learner(shape, model, build_algorithm(cfg, model, shape.kind, shape.ways), source)
+
+
+def initial_meta_params(cfg: Config, learner: Learner) -> Params:
+    """The meta-parameters at step 0: model weights seeded by ``cfg.seed`` plus algorithm extras."""
+    return learner.algorithm.init_params(initial_params(learner.model, cfg.seed))

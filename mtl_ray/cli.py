@@ -1,0 +1,198 @@
+"""``mtl-ray``: train, evaluate, convert data, validate configs.
+
+Every command validates its whole config (static and data-dependent checks) before starting
+anything and exits 2 with every problem listed. ``key=value`` arguments override config fields.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+
+from mtl_ray.config import Config, ConfigError, UserError, from_dict, load_config
+
+EXIT_CONFIG = 2
+
+
+def validate(cfg_path: str | None, overrides: Sequence[str]) -> Config:
+    """Load a config and run the data-dependent checks; raise one ConfigError with every problem."""
+    from mtl_ray.data import check_data
+
+    cfg = load_config(cfg_path, overrides)
+    problems = check_data(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def run_dir_for(cfg: Config, explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return Path(cfg.tracking.run_dir) / name
+
+
+def train(cfg: Config, run_dir: Path, *, resume: bool = False, out=sys.stdout):
+    """Meta-train ``cfg`` into ``run_dir``; the shared body of ``mtl-ray train`` and jobs/meta_train.py."""
+    import torch
+
+    from mtl_ray.distributed.checkpoint import latest_checkpoint
+    from mtl_ray.distributed.driver import MetaTrainer
+    from mtl_ray.tracking.local import JsonlMetrics, Progress, atomic_write_text
+
+    if cfg.scaling.torch_threads:
+        torch.set_num_threads(cfg.scaling.torch_threads)
+    if resume and latest_checkpoint(run_dir) is None:
+        raise ConfigError([f"--resume: no checkpoint in {run_dir}/checkpoints; expected a run directory of an "
+                           "earlier run (pass it with --run-dir, or drop --resume to start fresh)"])
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    trainer = MetaTrainer.create(cfg, run_dir, resume=resume)
+    log = JsonlMetrics(run_dir, resume_step=trainer.step)
+    progress = Progress(cfg.optim.steps, trainer.step, every=cfg.tracking.log_every, enabled=cfg.tracking.progress)
+    trainer.callbacks += [log, progress]
+    print(f"run dir: {run_dir}  (start at step {trainer.step}/{cfg.optim.steps}, "
+          f"{cfg.algorithm.name} on {cfg.data.source}, {cfg.scaling.num_workers} worker(s))", file=out, flush=True)
+    try:
+        summary = trainer.fit()
+    finally:
+        progress.close()
+        log.close()
+        trainer.close()
+    for line in summary.lines():
+        print(line, file=out, flush=True)
+    return summary
+
+
+def evaluate(ckpt_path: str, *, overrides: Sequence[str], split: str, episodes: int, lake: str | None,
+             out=sys.stdout) -> dict[str, float]:
+    from mtl_ray import metrics as M
+    from mtl_ray.data import check_data
+    from mtl_ray.data.lake import default_lake_path, load_lake_runs
+    from mtl_ray.distributed.checkpoint import load_checkpoint
+    from mtl_ray.distributed.evaluate import check_params, evaluate_tasks, lake_error, mean_ci95
+    from mtl_ray.distributed.executor import LocalExecutor
+
+    ck = load_checkpoint(ckpt_path)
+    cfg = from_dict(ck.config.to_dict(), overrides)
+    steps = cfg.eval_inner_steps
+    result: dict[str, float] = {"step": float(ck.step)}
+    if lake is not None:
+        path = Path(lake) if lake else default_lake_path(cfg.data.root)
+        runs = load_lake_runs(path, cfg.data.image_size)
+        err = lake_error(cfg, ck.params, ck.shape, runs, steps)
+        print(f"Lake 20-way within-alphabet one-shot, {len(runs)} runs: error {err:.2f}% "
+              f"(accuracy {100 - err:.2f}%)  [{cfg.algorithm.name}, step {ck.step}, {steps} inner steps]", file=out)
+        result["lake/error_pct"] = err
+        return result
+    problems = check_data(cfg)
+    if problems:
+        raise ConfigError(problems)
+    executor = LocalExecutor(cfg)
+    check_params(executor.worker.learner, ck.params, f"checkpoint {ckpt_path}")
+    per_task = evaluate_tasks(executor, ck.params, split, episodes, steps)
+    d = cfg.data
+    shape = "regression" if cfg.data.source == "sinusoid" else f"{d.ways}-way {d.shots}-shot"
+    print(f"meta-test on {d.source}/{split}: {episodes} episodes, {shape}, {steps} inner steps, step {ck.step}",
+          file=out)
+    for name, values in per_task.items():
+        mean, half = mean_ci95(values)
+        key = M.META_TEST_ACC if name == "acc" else M.META_TEST_LOSS if name == "loss" else f"meta_test/{name}"
+        scale, unit = (100.0, "%") if name == "acc" else (1.0, "")
+        print(f"  {key}: {mean * scale:.2f}{unit} ± {half * scale:.2f}{unit} (95% CI)", file=out)
+        result[key], result[key + "_ci95"] = mean, half
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mtl-ray", description="Distributed meta-learning on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="meta-train from a YAML config")
+    t.add_argument("config", nargs="?", help="YAML config (default: built-in defaults)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.steps=100")
+    t.add_argument("--run-dir", help="run directory (default: tracking.run_dir/<name>-<time>)")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+
+    e = sub.add_parser("eval", help="meta-test a checkpoint")
+    e.add_argument("checkpoint", help="a .pt checkpoint or a run directory (its latest checkpoint)")
+    e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=digits data.shots=5")
+    e.add_argument("--split", default="test", choices=["train", "val", "test", "all"])
+    e.add_argument("--episodes", type=int, default=600)
+    e.add_argument("--lake", nargs="?", const="", default=None,
+                   help="score Lake's 20-way one-shot runs (zip or folder; default <data root>/omniglot/...)")
+
+    d = sub.add_parser("data", help="data utilities")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    c = dsub.add_parser("convert", help="folder of class/xxx.png images -> Parquet image table")
+    c.add_argument("src", help="folder with one sub-folder of images per class")
+    c.add_argument("out", help="output .parquet file")
+    c.add_argument("--image-size", type=int, default=28)
+    c.add_argument("--channels", type=int, default=1, choices=[1, 3])
+    c.add_argument("--invert", action="store_true", help="invert (dark ink on light paper -> ink high)")
+    c.add_argument("--domain", default=None, help="value for the domain column")
+
+    v = sub.add_parser("validate", help="check configs (static and data checks) and exit")
+    v.add_argument("configs", nargs="+")
+    return p
+
+
+def _split_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    """argparse puts a leading key=value into ``config``; move it back."""
+    items = list(items)
+    if items and "=" in items[0] and not items[0].endswith((".yaml", ".yml")):
+        return None, items
+    return (items[0] if items else None), items[1:]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:  # key=value given after options
+        if not hasattr(args, "overrides"):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    try:
+        if args.command == "train":
+            path, overrides = _split_overrides([*([args.config] if args.config else []), *args.overrides])
+            cfg = validate(path, overrides)
+            if args.resume and not args.run_dir and not cfg.tracking.run_name:
+                raise ConfigError(["--resume: got no run to resume; "
+                                   "expected --run-dir DIR (or tracking.run_name=NAME)"])
+            train(cfg, run_dir_for(cfg, args.run_dir), resume=args.resume)
+        elif args.command == "eval":
+            if args.episodes < 1:
+                raise ConfigError([f"--episodes: got {args.episodes}, expected >= 1"])
+            evaluate(args.checkpoint, overrides=args.overrides, split=args.split, episodes=args.episodes,
+                     lake=args.lake)
+        elif args.command == "data":
+            from mtl_ray.data.imagetable import convert_folder
+
+            out = convert_folder(args.src, args.out, image_size=args.image_size, channels=args.channels,
+                                 invert=args.invert, domain=args.domain)
+            print(f"wrote {out}")
+        elif args.command == "validate":
+            bad = 0
+            for path in args.configs:
+                try:
+                    validate(path, [])
+                    print(f"ok: {path}")
+                except ConfigError as e:
+                    bad += 1
+                    print(f"{path}: {e}", file=sys.stderr)
+            return EXIT_CONFIG if bad else 0
+    except UserError as e:  # config, data, checkpoint and evaluation errors name the value and the fix
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The meta-trainer: the outer loop, identical for in-process and Ray execution.
+
+One step: sample task indices -> shard them -> workers compute task meta-gradients on the current
+(broadcast) weights -> reduce to the task-weighted mean -> outer optimiser step -> metrics. A
+non-finite meta-gradient skips the step (counted, reported) and never touches the weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from mtl_ray import metrics as M
+from mtl_ray.algorithms import Params, ShardResult, TaskShape, build_learner, initial_meta_params
+from mtl_ray.config import Config
+from mtl_ray.distributed.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_run_checkpoint
+from mtl_ray.distributed.evaluate import evaluate_tasks
+from mtl_ray.distributed.executor import Executor, build_executor, shard
+
+
+class Callback(Protocol):
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Summary:
+    steps: int
+    tasks: int
+    seconds: float
+    tasks_per_s: float
+    skipped_steps: int
+    final_val: dict[str, float]
+    checkpoint: str | None
+
+    def lines(self) -> list[str]:
+        val = ", ".join(f"{k}={v:.4f}" for k, v in self.final_val.items()) or "none"
+        return [f"steps: {self.steps}  tasks: {self.tasks}  tasks/s: {self.tasks_per_s:.1f}  "
+                f"time: {self.seconds:.1f}s  skipped steps: {self.skipped_steps}",
+                f"final meta-validation: {val}", f"checkpoint: {self.checkpoint}"]
+
+
+def reduce_results(results: Sequence[ShardResult]) -> tuple[Params, int, dict[str, float]]:
+    """Task-weighted mean of shard sums: ``sum_i grads_i / sum_i n_i`` (and the same for metrics)."""
+    total = sum(r.num_tasks for r in results)
+    keys = results[0].grads.keys()
+    grads = {k: torch.stack([r.grads[k] for r in results]).sum(0) / total for k in keys}
+    sums: dict[str, float] = {}
+    for r in results:
+        for k, v in r.metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+    return grads, total, sums
+
+
+def build_optimizer(cfg: Config, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.optimizer == "adam":
+        return torch.optim.Adam(list(params), lr=o.outer_lr)
+    return torch.optim.SGD(list(params), lr=o.outer_lr)
+
+
+class MetaTrainer:
+    def __init__(self, cfg: Config, executor: Executor, *, params: Params, shape: TaskShape, run_dir: str | Path,
+                 optimizer_state: dict | None = None, step: int = 0, skipped_steps: int = 0,
+                 tasks_seen: int = 0, callbacks: Sequence[Callback] = ()):
+        self.cfg = cfg
+        self.executor = executor
+        self.run_dir = Path(run_dir)
+        self.shape = shape
+        self.params: Params = {k: v.detach().clone().float() for k, v in params.items()}
+        self.optimizer = build_optimizer(cfg, self.params.values())
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.step = step
+        self.skipped_steps = skipped_steps
+        self.tasks_seen = tasks_seen
+        self.callbacks = list(callbacks)
+        self.last_val: dict[str, float] = {}
+        self.last_checkpoint: Path | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def create(cls, cfg: Config, run_dir: str | Path, *, resume: bool = False,
+               callbacks: Sequence[Callback] = (), executor: Executor | None = None) -> MetaTrainer:
+        """A trainer at step 0, or at the latest checkpoint in ``run_dir`` when ``resume``."""
+        executor = executor or build_executor(cfg)
+        found = latest_checkpoint(run_dir) if resume else None
+        if found is not None:
+            ck = load_checkpoint(found)
+            return cls(cfg, executor, params=ck.params, shape=ck.shape, run_dir=run_dir, optimizer_state=ck.optimizer,
+                       step=ck.step, skipped_steps=ck.skipped_steps, tasks_seen=ck.tasks_seen, callbacks=callbacks)
+        learner = build_learner(cfg)
+        return cls(cfg, executor, params=initial_meta_params(cfg, learner), shape=learner.shape, run_dir=run_dir,
+                   callbacks=callbacks)
+
+    # ------------------------------------------------------------------ the algorithm
+    def train_step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        indices = range(self.cfg.optim.meta_batch_size)  # tasks are (seed, "train", step, index)
+        shards = shard(indices, self.executor.num_shards)
+        results = self.executor.meta_gradients(self.params, self.step, shards)  # broadcast + inner loops
+        grads, num_tasks, sums = reduce_results(results)
+        grad_norm = self.outer_step(grads)
+        self.step += 1
+        self.tasks_seen += num_tasks
+        out = M.prefixed("meta_train", sums, num_tasks)
+        out[M.META_TRAIN_GRAD_NORM] = grad_norm
+        out[M.META_TRAIN_SKIPPED_STEPS] = float(self.skipped_steps)
+        out[M.META_TRAIN_TASKS_PER_S] = num_tasks / max(time.perf_counter() - t0, 1e-9)
+        return out
+
+    def outer_step(self, grads: Params) -> float:
+        """Apply the mean meta-gradient; skip (and count) the step when it is not finite."""
+        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+        if not math.isfinite(norm):
+            self.skipped_steps += 1
+            return norm
+        clip = self.cfg.optim.grad_clip
+        scale = min(1.0, clip / (norm + 1e-12)) if clip > 0 else 1.0
+        for k, p in self.params.items():
+            p.grad = grads[k].to(p.dtype) * scale
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def validate(self) -> dict[str, float]:
+        """Mean metrics on ``optim.val_tasks`` fixed validation tasks (the same tasks every time)."""
+        per_task = evaluate_tasks(self.executor, self.params, "val", self.cfg.optim.val_tasks,
+                                  self.cfg.eval_inner_steps)
+        self.last_val = {f"meta_val/{k}": float(v.mean()) for k, v in per_task.items()}
+        return self.last_val
+
+    # ------------------------------------------------------------------ the loop
+    def checkpoint(self) -> Path:
+        ck = Checkpoint(step=self.step, params=self.params, optimizer=self.optimizer.state_dict(), config=self.cfg,
+                        shape=self.shape, skipped_steps=self.skipped_steps, tasks_seen=self.tasks_seen,
+                        metrics=self.last_val)
+        self.last_checkpoint = save_run_checkpoint(self.run_dir, ck)
+        return self.last_checkpoint
+
+    def fit(self, until: int | None = None) -> Summary:
+        """Train to step ``until`` (default ``optim.steps``), validating and checkpointing on schedule."""
+        until = self.cfg.optim.steps if until is None else until
+        o, t = self.cfg.optim, self.cfg.tracking
+        start_step, start_tasks, t0 = self.step, self.tasks_seen, time.perf_counter()
+        while self.step < until:
+            out = self.train_step()
+            last = self.step == until
+            if o.val_every and (self.step % o.val_every == 0 or last):
+                out.update(self.validate())
+            if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or last):
+                self.checkpoint()
+            for cb in self.callbacks:
+                cb.on_metrics(self.step, out)
+        secs = time.perf_counter() - t0
+        tasks = self.tasks_seen - start_tasks
+        return Summary(steps=self.step - start_step, tasks=tasks, seconds=secs, tasks_per_s=tasks / max(secs, 1e-9),
+                       skipped_steps=self.skipped_steps, final_val=self.last_val,
+                       checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+
+    def close(self) -> None:
+        self.executor.close()

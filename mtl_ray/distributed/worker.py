@@ -1,0 +1,46 @@
+"""The unit of work on one process: sample a task shard, run the vectorised inner loop, return sums.
+
+A :class:`ShardWorker` loads its task source once and holds the algorithm. In-process training
+calls it directly; each Ray worker actor wraps one. It never names a specific algorithm.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import torch
+
+from mtl_ray.algorithms import Params, ShardResult, build_learner
+from mtl_ray.config import Config, from_dict
+
+
+def resolve_device(gpus: float) -> torch.device:
+    """``cuda`` when this process was given a GPU and one is visible, else ``cpu``."""
+    return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
+
+
+class ShardWorker:
+    def __init__(self, cfg: Config | str, device: str | torch.device = "cpu"):
+        self.cfg = from_dict(json.loads(cfg)) if isinstance(cfg, str) else cfg
+        if self.cfg.scaling.torch_threads:
+            torch.set_num_threads(self.cfg.scaling.torch_threads)
+        self.device = torch.device(device)
+        self.learner = build_learner(self.cfg)
+
+    def _params(self, params: Params) -> Params:
+        return {k: torch.as_tensor(v).to(self.device) for k, v in params.items()}
+
+    def meta_gradient(self, params: Params, step: int, indices: Sequence[int]) -> ShardResult:
+        """Sum of meta-gradients of training tasks ``indices`` at ``step`` (grads returned on CPU)."""
+        batch = self.learner.source.sample("train", step, indices).to(self.device)
+        result = self.learner.algorithm.meta_gradient(self._params(params), batch)
+        grads = {k: v.detach().cpu() for k, v in result.grads.items()}
+        return ShardResult(grads=grads, num_tasks=result.num_tasks, metrics=result.metrics)
+
+    def evaluate(self, params: Params, split: str, step: int, indices: Sequence[int],
+                 inner_steps: int) -> dict[str, torch.Tensor]:
+        """Per-task metrics ``{name: [len(indices)]}`` after adaptation with ``inner_steps`` steps."""
+        batch = self.learner.source.sample(split, step, indices).to(self.device)
+        out = self.learner.algorithm.evaluate(self._params(params), batch, inner_steps)
+        return {k: v.cpu() for k, v in out.items()}

@@ -1,0 +1,59 @@
+"""Fixtures for the data-layer tests: the shared read-only data and one Omniglot cache per session."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mtl_ray.config import Config, from_dict
+from mtl_ray.data import omniglot
+
+SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SMALL_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
+LAKE_ZIP = "lake_oneshot_runs_01-10.zip"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """``/work/shared/data`` (read-only): the Omniglot minimal splits and Lake's runs."""
+    needed = [SHARED_DATA / "omniglot" / n for n in (*SMALL_ZIPS, LAKE_ZIP)]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        pytest.skip(f"shared test data not found: {missing} (expected next to the repository in shared/data)")
+    return SHARED_DATA
+
+
+def link_zips(shared: Path, root: Path, names: tuple[str, ...] = SMALL_ZIPS) -> Path:
+    """Symlink shared Omniglot zips into ``root/omniglot/`` so caches are written under ``root``."""
+    (root / "omniglot").mkdir(parents=True, exist_ok=True)
+    for n in names:
+        os.symlink(shared / "omniglot" / n, root / "omniglot" / n)
+    return root
+
+
+@pytest.fixture(scope="session")
+def omniglot_root(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A writable data root holding links to the two small zips, with the 28px cache built once."""
+    root = link_zips(shared_data, tmp_path_factory.mktemp("omniglot_root"))
+    omniglot.load_omniglot_table(from_dict({"data": {"root": str(root)}}).data)
+    return root
+
+
+@pytest.fixture
+def linked_root(shared_data: Path, tmp_path: Path) -> Callable[..., Path]:
+    """``make(*zip_names)`` -> a fresh data root under tmp_path with those shared zips linked in."""
+    return lambda *names: link_zips(shared_data, tmp_path, names or SMALL_ZIPS)
+
+
+@pytest.fixture
+def omniglot_cfg(omniglot_root: Path) -> Callable[..., Config]:
+    """``make(**data_fields, seed=..)`` -> a validated Omniglot config on the session data root."""
+
+    def make(seed: int = 0, optim: dict[str, Any] | None = None, **data: Any) -> Config:
+        return from_dict({"seed": seed, "data": {"root": str(omniglot_root), **data}, "optim": optim or {}})
+
+    return make
