@@ -153,7 +153,7 @@ class MetaTrainer:
             last = self.step == until
             if o.val_every and (self.step % o.val_every == 0 or last):
                 out.update(self.validate())
-            if t.checkpoint_every and (self.step % t.checkpoint_every == 0 or last):
+            if last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):  # always keep the final one
                 self.checkpoint()
             for cb in self.callbacks:
                 cb.on_metrics(self.step, out)

@@ -12,7 +12,7 @@ import pytest
 from mtl_ray.config import Config, from_dict
 from mtl_ray.data import omniglot
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 SMALL_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
 LAKE_ZIP = "lake_oneshot_runs_01-10.zip"
 

@@ -1,0 +1,97 @@
+"""The meta-trainer in-process: determinism over shards, resume == uninterrupted, NaN steps skipped."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from mtl_ray.algorithms import ShardResult
+from mtl_ray.config import from_dict
+from mtl_ray.distributed.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
+from mtl_ray.distributed.driver import MetaTrainer, reduce_results
+from mtl_ray.distributed.executor import LocalExecutor, shard
+
+
+def _cfg(**over):
+    base = {"data": {"source": "sinusoid", "shots": 5, "queries": 5}, "model": {"name": "mlp"},
+            "algorithm": {"name": "maml", "inner_lr": 0.01},
+            "optim": {"meta_batch_size": 6, "steps": 6, "val_every": 3, "val_tasks": 8},
+            "tracking": {"checkpoint_every": 3, "progress": False}}
+    return from_dict(base, [f"{k}={v}" for k, v in over.items()])
+
+
+def test_shards_of_a_meta_batch_reduce_to_the_whole_batch():
+    """1, 2 and 3 shards give the same mean meta-gradient: tasks depend on (seed, step, index) only."""
+    cfg = _cfg()
+    ex = LocalExecutor(cfg)
+    trainer = MetaTrainer.create(cfg, "/nonexistent-not-written", executor=ex)
+    means = []
+    for n in (1, 2, 3):
+        parts = shard(range(6), n)
+        assert sorted(i for p in parts for i in p) == list(range(6))
+        grads, total, _ = reduce_results(ex.meta_gradients(trainer.params, 4, parts))
+        assert total == 6
+        means.append(grads)
+    for other in means[1:]:
+        for k in means[0]:
+            assert torch.allclose(means[0][k], other[k], atol=1e-6, rtol=1e-5)
+
+
+def test_reduce_is_task_weighted():
+    a = ShardResult({"w": torch.tensor([2.0])}, 1, {"loss": 1.0})
+    b = ShardResult({"w": torch.tensor([9.0])}, 3, {"loss": 6.0})
+    grads, n, sums = reduce_results([a, b])
+    assert n == 4 and torch.allclose(grads["w"], torch.tensor([11.0 / 4])) and sums["loss"] == 7.0
+
+
+def test_outer_step_is_param_minus_lr_times_mean_grad(tmp_path):
+    cfg = _cfg(**{"optim.optimizer": "sgd", "optim.outer_lr": 0.5})
+    trainer = MetaTrainer.create(cfg, tmp_path)
+    before = {k: v.clone() for k, v in trainer.params.items()}
+    grads, _, _ = reduce_results(trainer.executor.meta_gradients(trainer.params, 0, [list(range(6))]))
+    trainer.train_step()
+    for k in before:
+        assert torch.allclose(trainer.params[k], before[k] - 0.5 * grads[k], atol=1e-7)
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    cfg = _cfg()
+    full = MetaTrainer.create(cfg, tmp_path / "full")
+    full.fit()
+    part = MetaTrainer.create(cfg, tmp_path / "part")
+    part.fit(until=3)
+    assert latest_checkpoint(tmp_path / "part").name == "step_00000003.pt"
+    resumed = MetaTrainer.create(cfg, tmp_path / "part", resume=True)
+    assert resumed.step == 3 and resumed.tasks_seen == 18
+    resumed.fit()
+    for k in full.params:
+        assert torch.equal(full.params[k], resumed.params[k]), k
+    ck = load_checkpoint(tmp_path / "part")
+    assert ck.step == 6 and ck.config == cfg and "meta_val/loss" in ck.metrics
+
+
+def test_non_finite_meta_gradient_skips_the_step(tmp_path):
+    trainer = MetaTrainer.create(_cfg(), tmp_path)
+    before = {k: v.clone() for k, v in trainer.params.items()}
+    norm = trainer.outer_step({k: torch.full_like(v, float("nan")) for k, v in trainer.params.items()})
+    assert math.isnan(norm) and trainer.skipped_steps == 1
+    assert all(torch.equal(before[k], trainer.params[k]) for k in before)
+    # a poisoned weight makes every later gradient NaN: steps are skipped and counted, weights kept
+    trainer.params["head.bias"].fill_(float("inf"))
+    out = trainer.train_step()
+    assert out["meta_train/skipped_steps"] == 2.0
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    bad = tmp_path / "checkpoints" / "step_00000001.pt"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable mtl-ray checkpoint"):
+        load_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        (tmp_path / "empty").mkdir()
+        load_checkpoint(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "missing.pt")

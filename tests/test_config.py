@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mtl_ray.cli import validate
+from mtl_ray.config import ConfigError, from_dict, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path, shared_data):
+    cfg = validate(str(path), [f"data.root={shared_data}"])
+    assert cfg.name == path.stem
+
+
+def test_there_are_shipped_configs():
+    assert len(CONFIGS) >= 3
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config(None, ["optim.outer_lr=0.01", "data.val_alphabets=[Greek, Latin]", "seed=7",
+                             "algorithm.eval_inner_steps=null"])
+    assert cfg.optim.outer_lr == 0.01 and cfg.seed == 7
+    assert cfg.data.val_alphabets == ("Greek", "Latin")
+    assert cfg.eval_inner_steps == cfg.algorithm.inner_steps
+
+
+def test_all_static_problems_reported_at_once():
+    with pytest.raises(ConfigError) as e:
+        from_dict({"data": {"ways": 1, "shots": 0}, "optim": {"outer_lr": -1.0, "meta_batch_size": 0},
+                   "algorithm": {"name": "mamll", "inner_lr": -0.1}})
+    text = str(e.value)
+    for needle in ["data.ways: got 1", "data.shots: got 0", "optim.outer_lr: got -1.0",
+                   "optim.meta_batch_size: got 0", "algorithm.name: got 'mamll', expected one of: maml, metasgd",
+                   "algorithm.inner_lr: got -0.1"]:
+        assert needle in text, needle
+    assert len(e.value.problems) == 6
+
+
+def test_unknown_keys_and_types_are_named_with_a_suggestion():
+    with pytest.raises(ConfigError) as e:
+        from_dict({"optim": {"outr_lr": 0.1, "steps": "many"}, "bogus": 1}, ["data.wayz=3", "noequals"])
+    text = str(e.value)
+    assert "optim.outr_lr: unknown key; did you mean 'outer_lr'?" in text
+    assert "optim.steps: got 'many' (str), expected an integer" in text
+    assert "data.wayz: unknown key; did you mean 'ways'?" in text
+    assert "bogus: unknown key" in text
+    assert "override 'noequals': expected key=value" in text
+
+
+def test_data_dependent_problems_join_static_ones_before_anything_starts(shared_data):
+    with pytest.raises(ConfigError) as e:
+        validate(None, [f"data.root={shared_data}", "data.ways=30", "data.shots=10", "data.queries=15"])
+    text = str(e.value)
+    assert "data.ways: got 30, expected <=" in text
+    assert "data.shots + data.queries: got 25 (10 + 15), expected <= 20" in text
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
