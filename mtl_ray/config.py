@@ -79,7 +79,7 @@ class ModelConfig:
     channels: int = 64  # conv4 filters per block
     blocks: int = 4
     downsample: str = "pool"  # "pool": 2x2 max-pool per block (Vinyals et al.); "stride": stride-2 convs
-    conv_impl: str = "im2col"  # "im2col": convolutions as matmuls (fast under vmap); "native": F.conv2d
+    conv_impl: str = "native"  # "native": F.conv2d (measured faster under vmap here); "im2col": unfold + GEMM
 
 
 @dataclass(frozen=True)

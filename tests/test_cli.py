@@ -140,7 +140,8 @@ def test_data_convert_then_train_on_parquet(tmp_path):
             arr = (torch.rand(20, 20, generator=rng) * 255).byte().numpy()
             Image.fromarray(arr).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
     cli("data", "convert", str(tmp_path / "imgs"), str(tmp_path / "t.parquet"), "--image-size", "16")
-    out = cli("train", "data.source=parquet", f"data.path={tmp_path / 't.parquet'}", "data.ways=2", "data.test_fraction=0.4",
+    out = cli("train", "data.source=parquet", f"data.path={tmp_path / 't.parquet'}", "data.ways=2",
+              "data.test_fraction=0.4",
               "data.shots=1", "data.queries=2", "data.image_size=16", "algorithm.name=protonet",
               "algorithm.inner_steps=0", "optim.steps=3", "optim.val_every=0", "optim.meta_batch_size=2",
               "tracking.progress=false", "--run-dir", str(tmp_path / "run"))

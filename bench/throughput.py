@@ -1,0 +1,451 @@
+"""Meta-training throughput: the vectorised meta-gradient (``torch.func.vmap`` over tasks) vs a per-task loop.
+
+Measures tasks/s of one meta-batch's forward + meta-gradient (no outer optimiser step) for
+
+1. sinusoid regression, MLP 1-40-40-1, meta-batch 25, K=10, second-order MAML, 1 inner step:
+   ``alg.meta_gradient`` vs a plain per-task autograd loop written here;
+2. Conv4 on Omniglot-shaped random tasks, 5-way 1-shot (1 and 15 queries per class), meta-batch 32,
+   1 and 5 inner steps, second and first order: vectorised with ``conv_impl="im2col"`` (the default),
+   vectorised with ``conv_impl="native"`` and a per-task loop using ``F.conv2d`` / ``F.batch_norm``;
+3. the Conv4 first layer (1 -> 64 channels, 3x3, pad 1, 28x28) forward + backward under ``vmap`` with
+   per-task weights (32 tasks x 5 images) in several formulations, in GFLOP/s.
+
+Before timing, every vectorised path is checked against the loop in float64 on a small instance.
+Timing: ``time.perf_counter``, 2 warm-up iterations, median of the repeats. No data is read: tasks
+are random tensors of the right shapes (sinusoid tasks come from ``SinusoidTaskSource``).
+
+Results depend on the environment, which the JSON records: the load average (other work on the
+cores; more torch threads than free cores makes OpenMP barriers stall) and glibc allocator settings.
+Vectorised tensors are large (one Conv4 layer-1 activation for 32 tasks x 5 images is 32 MB), above
+glibc's mmap threshold, so each is freshly mapped and page-faulted; e.g.
+``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` changes the vectorised numbers a lot.
+
+    python bench/throughput.py                 # full run (a few minutes)
+    python bench/throughput.py --quick         # ~1 minute
+    python bench/throughput.py --out bench/out/throughput.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import vjp, vmap
+
+from mtl_ray.algorithms import build_algorithm
+from mtl_ray.config import Config, from_dict
+from mtl_ray.data.base import TaskBatch
+from mtl_ray.data.sinusoid import SinusoidTaskSource
+from mtl_ray.models import build_model, initial_params
+
+Params = dict[str, torch.Tensor]
+
+WAYS, SHOTS, IMAGE = 5, 1, 28
+SINUSOID_TASKS, CONV_TASKS = 25, 32
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def measure(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds per call of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def summary(times: list[float], tasks: int) -> dict[str, Any]:
+    med = statistics.median(times)
+    return {"median_s": med, "tasks_per_s": tasks / med, "times_s": times,
+            "spread": (max(times) - min(times)) / med}
+
+
+# --------------------------------------------------------------------------- setups
+
+
+def sinusoid_config(*, inner_steps: int = 1, first_order: bool = False) -> Config:
+    return from_dict({
+        "data": {"source": "sinusoid", "shots": 10, "queries": 10},
+        "model": {"name": "mlp", "hidden_sizes": [40, 40]},
+        "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": inner_steps, "first_order": first_order},
+        "optim": {"meta_batch_size": SINUSOID_TASKS},
+    })
+
+
+def conv_config(*, inner_steps: int, first_order: bool, queries: int, impl: str = "im2col") -> Config:
+    return from_dict({
+        "data": {"source": "omniglot", "ways": WAYS, "shots": SHOTS, "queries": queries, "image_size": IMAGE},
+        "model": {"name": "conv4", "channels": 64, "downsample": "pool", "conv_impl": impl},
+        "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": inner_steps, "first_order": first_order},
+        "optim": {"meta_batch_size": CONV_TASKS},
+    })
+
+
+def random_image_tasks(tasks: int, queries: int, seed: int = 0) -> TaskBatch:
+    """Omniglot-shaped random tasks: ``x [T, N*K, 1, 28, 28]`` in [0, 1), labels ``0..N-1`` per class."""
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.rand(tasks, WAYS * SHOTS, 1, IMAGE, IMAGE, generator=g)
+    qx = torch.rand(tasks, WAYS * queries, 1, IMAGE, IMAGE, generator=g)
+    sy = torch.arange(WAYS).repeat_interleave(SHOTS).expand(tasks, -1).contiguous()
+    qy = torch.arange(WAYS).repeat_interleave(queries).expand(tasks, -1).contiguous()
+    return TaskBatch(sx, sy, qx, qy)
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    alg: Any
+    params: Params
+    batch: TaskBatch
+
+    def to64(self) -> Setup:
+        return Setup(self.cfg, self.alg, {k: v.double() for k, v in self.params.items()},
+                     self.batch.to("cpu", torch.float64))
+
+
+def sinusoid_setup(tasks: int = SINUSOID_TASKS, **kw: Any) -> Setup:
+    cfg = sinusoid_config(**kw)
+    model = build_model(cfg, (1,), 1)
+    alg = build_algorithm(cfg, model, "regression", 1)
+    batch = SinusoidTaskSource(seed=0, shots=10, queries=10).sample("train", 0, range(tasks))
+    return Setup(cfg, alg, initial_params(model, 0), batch)
+
+
+def conv_setup(tasks: int = CONV_TASKS, **kw: Any) -> Setup:
+    cfg = conv_config(**kw)
+    model = build_model(cfg, (1, IMAGE, IMAGE), WAYS)
+    alg = build_algorithm(cfg, model, "classification", WAYS)
+    return Setup(cfg, alg, initial_params(model, 0), random_image_tasks(tasks, cfg.data.queries))
+
+
+# --------------------------------------------------------------------------- per-task loop baselines
+
+
+def mlp_forward(p: Params, x: torch.Tensor) -> torch.Tensor:
+    """``body.1``, ``body.3``, ... Linear+ReLU layers, then ``head`` (the layout of ``MLP``)."""
+    i = 1
+    while f"body.{i}.weight" in p:
+        x = torch.relu(F.linear(x, p[f"body.{i}.weight"], p[f"body.{i}.bias"]))
+        i += 2
+    return F.linear(x, p["head.weight"], p["head.bias"])
+
+
+def conv4_forward(p: Params, x: torch.Tensor) -> torch.Tensor:
+    """Conv4 (pool) the ordinary way: ``F.conv2d``, ``F.batch_norm(training=True)``, ReLU, max-pool."""
+    i = 0
+    while f"body.{i}.conv.weight" in p:
+        x = F.conv2d(x, p[f"body.{i}.conv.weight"], p[f"body.{i}.conv.bias"], padding=1)
+        x = F.batch_norm(x, None, None, p[f"body.{i}.norm.weight"], p[f"body.{i}.norm.bias"], training=True,
+                         eps=1e-5)
+        x = F.max_pool2d(torch.relu(x), 2)
+        i += 1
+    return F.linear(x.flatten(1), p["head.weight"], p["head.bias"])
+
+
+def loop_meta_gradient(forward: Callable[[Params, torch.Tensor], torch.Tensor],
+                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], params: Params,
+                       batch: TaskBatch, *, inner_lr: float, steps: int, first_order: bool) -> Params:
+    """Sum over tasks of each task's MAML meta-gradient, one task at a time with ``torch.autograd``."""
+    names = list(params)
+    weights = [params[k].detach().requires_grad_() for k in names]
+    total = [torch.zeros_like(w) for w in weights]
+    for t in range(batch.num_tasks):
+        fast = weights
+        for _ in range(steps):
+            loss = loss_fn(forward(dict(zip(names, fast, strict=True)), batch.support_x[t]), batch.support_y[t])
+            grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
+            fast = [w - inner_lr * g for w, g in zip(fast, grads, strict=True)]
+        query = loss_fn(forward(dict(zip(names, fast, strict=True)), batch.query_x[t]), batch.query_y[t])
+        for acc, g in zip(total, torch.autograd.grad(query, weights), strict=True):
+            acc += g
+    return dict(zip(names, total, strict=True))
+
+
+def loop_for(setup: Setup) -> Callable[[Params, TaskBatch], Params]:
+    a = setup.alg
+    forward = mlp_forward if setup.cfg.model.name == "mlp" else conv4_forward
+    loss_fn = F.mse_loss if a.kind == "regression" else F.cross_entropy
+
+    def run(params: Params, batch: TaskBatch) -> Params:
+        return loop_meta_gradient(forward, loss_fn, params, batch, inner_lr=a.inner_lr, steps=a.inner_steps,
+                                  first_order=a.first_order)
+
+    return run
+
+
+def vectorised_for(setup: Setup) -> Callable[[Params, TaskBatch], Params]:
+    return lambda params, batch: setup.alg.meta_gradient(params, batch).grads
+
+
+def rel_error(got: Params, ref: Params) -> float:
+    """Global max |got - ref| over all entries, divided by the global max |ref|."""
+    diff = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+    scale = max(float(ref[k].abs().max()) for k in ref)
+    return diff / scale
+
+
+def check(setup: Setup, tasks: int) -> float:
+    """Vectorised vs loop summed meta-gradient, float64, on the first ``tasks`` tasks."""
+    s = setup.to64()
+    batch = s.batch.slice(0, tasks)
+    return rel_error(vectorised_for(s)(s.params, batch), loop_for(s)(s.params, batch))
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def bench_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
+    setup = sinusoid_setup()
+    err = check(setup, SINUSOID_TASKS)
+    print(f"  check sinusoid MAML-2nd: vectorised vs loop, float64, {SINUSOID_TASKS} tasks: rel err {err:.1e}")
+    if err > 1e-8:
+        raise SystemExit(f"sinusoid check failed: {err:.2e}")
+    vec, loop = vectorised_for(setup), loop_for(setup)
+    r_vec = summary(measure(lambda: vec(setup.params, setup.batch), args.repeats_fast), SINUSOID_TASKS)
+    r_loop = summary(measure(lambda: loop(setup.params, setup.batch), args.repeats), SINUSOID_TASKS)
+    return {"check_rel_err": err, "vectorised": r_vec, "loop": r_loop,
+            "ratio": r_vec["tasks_per_s"] / r_loop["tasks_per_s"]}
+
+
+def conv_cases(quick: bool, all_cases: bool) -> list[tuple[int, int, bool]]:
+    """(queries per class, inner steps, first order).
+
+    Full run: the whole 1-query grid plus the training default with 15 queries (2nd order, 1 step); a
+    15-query meta-batch takes ~10 s vectorised here, so the rest of that grid only runs with ``--all-cases``.
+    """
+    grid = [(q, steps, fo) for q in (1, 15) for steps in (1, 5) for fo in (False, True)]
+    if all_cases:
+        return grid
+    if quick:
+        return [c for c in grid if c[0] == 1 and c[1] == 1]
+    return [c for c in grid if c[0] == 1 or c == (15, 1, False)]
+
+
+def bench_conv(args: argparse.Namespace) -> dict[str, Any]:
+    # Correctness first, float64, a few tasks, every implementation and order (2 inner steps).
+    checks = {}
+    for impl in ("im2col", "native"):
+        for fo in (False, True):
+            setup = conv_setup(tasks=3, inner_steps=2, first_order=fo, queries=2, impl=impl)
+            err = check(setup, 3)
+            checks[f"{impl}/{'1st' if fo else '2nd'}"] = err
+            print(f"  check conv4 {impl:6s} {'1st' if fo else '2nd'} order, 2 inner steps: vectorised vs loop, "
+                  f"float64, 3 tasks: rel err {err:.1e}")
+            if err > 1e-8:
+                raise SystemExit(f"conv4 check failed ({impl}, first_order={fo}): {err:.2e}")
+    rows = []
+    for queries, steps, fo in conv_cases(args.quick, args.all_cases):
+        row: dict[str, Any] = {"queries": queries, "inner_steps": steps, "order": "1st" if fo else "2nd"}
+        for name, impl in (("im2col", "im2col"), ("native", "native"), ("loop", None)):
+            setup = conv_setup(inner_steps=steps, first_order=fo, queries=queries, impl=impl or "im2col")
+            fn = loop_for(setup) if impl is None else vectorised_for(setup)
+            times = measure(lambda fn=fn, s=setup: fn(s.params, s.batch), args.repeats)
+            row[name] = summary(times, CONV_TASKS)
+        row["ratio_im2col_loop"] = row["im2col"]["tasks_per_s"] / row["loop"]["tasks_per_s"]
+        row["ratio_native_loop"] = row["native"]["tasks_per_s"] / row["loop"]["tasks_per_s"]
+        print(f"  q={queries:2d} steps={steps} {row['order']}: im2col {row['im2col']['tasks_per_s']:7.1f}  "
+              f"native {row['native']['tasks_per_s']:7.1f}  loop {row['loop']['tasks_per_s']:7.1f} tasks/s  "
+              f"im2col/loop {row['ratio_im2col_loop']:.2f}x", flush=True)
+        rows.append(row)
+    return {"checks_rel_err": checks, "rows": rows}
+
+
+# --------------------------------------------------------------------------- layer 1 microbenchmark
+#
+# Each formulation maps one task's ``x [n, 1, 28, 28]``, ``w [64, 1, 3, 3]``, ``b [64]`` to
+# ``[n, 64, 28, 28]`` (possibly as a permuted view); they are run as ``vmap`` over 32 tasks of
+# ``vjp`` (forward, then the weight and bias gradients for a fixed output cotangent).
+
+
+def patches(x: torch.Tensor, k: int = 3, pad: int = 1) -> torch.Tensor:
+    """im2col from a strided view of the padded input and a single copy: ``[N, C*k*k, H*W]`` (stride 1)."""
+    n, c, h, w = x.shape
+    v = F.pad(x, (pad, pad, pad, pad)).unfold(2, k, 1).unfold(3, k, 1)  # [N, C, H, W, k, k] view
+    return v.permute(0, 1, 4, 5, 2, 3).reshape(n, c * k * k, h * w)
+
+
+def l1_native(x, w, b):
+    return F.conv2d(x, w, b, padding=1)
+
+
+def l1_im2col(x, w, b):  # the project's default: cols^T @ W^T -> [N, L, O], transposed back to NCHW
+    n, o = x.shape[0], w.shape[0]
+    out = F.unfold(x, 3, padding=1).transpose(1, 2) @ w.reshape(o, -1).t() + b
+    return out.transpose(1, 2).reshape(n, o, *x.shape[-2:])
+
+
+def l1_w_cols(x, w, b):  # W @ cols -> [N, O, L]: NCHW directly, no transpose copy; bias fused
+    n, o = x.shape[0], w.shape[0]
+    cols = F.unfold(x, 3, padding=1)
+    out = torch.baddbmm(b.view(1, o, 1), w.reshape(o, -1).expand(n, -1, -1), cols)
+    return out.view(n, o, *x.shape[-2:])
+
+
+def l1_w_patches(x, w, b):  # as l1_w_cols, im2col by one strided copy instead of F.unfold
+    n, o = x.shape[0], w.shape[0]
+    out = torch.baddbmm(b.view(1, o, 1), w.reshape(o, -1).expand(n, -1, -1), patches(x))
+    return out.view(n, o, *x.shape[-2:])
+
+
+def l1_channels_last(x, w, b):  # one GEMM [N*L, 9] @ [9, O] left channels-last (returned as a permuted view)
+    n, o = x.shape[0], w.shape[0]
+    h, wd = x.shape[-2:]
+    cols = patches(x).transpose(1, 2).reshape(-1, w[0].numel())
+    return torch.addmm(b, cols, w.reshape(o, -1).t()).view(n, h, wd, o).permute(0, 3, 1, 2)
+
+
+def l1_shifts(x, w, b):  # 9 shifted multiply-adds
+    h, wd = x.shape[-2:]
+    xp = F.pad(x, (1, 1, 1, 1))
+    out = b.view(1, -1, 1, 1)
+    for dy in range(3):
+        for dx in range(3):
+            out = out + xp[:, :, dy:dy + h, dx:dx + wd] * w[:, :, dy, dx].view(1, -1, 1, 1)
+    return out
+
+
+LAYER1 = {
+    "native F.conv2d (grouped under vmap)": (l1_native, False),
+    "im2col: unfold, cols^T @ W^T, transpose (project default)": (l1_im2col, False),
+    "W @ unfold(x) (baddbmm, NCHW out)": (l1_w_cols, False),
+    "W @ strided-view patches (baddbmm, NCHW out)": (l1_w_patches, False),
+    "channels-last GEMM [N*L,9]@[9,O] (NHWC out)": (l1_channels_last, False),
+    "9 shifted multiply-adds": (l1_shifts, False),
+    "W @ pre-unfolded cols (unfold once, outside)": (None, True),
+}
+
+
+def bench_layer1(args: argparse.Namespace) -> dict[str, Any]:
+    tasks, n, o = 32, 5, 64
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(tasks, n, 1, IMAGE, IMAGE, generator=g)
+    w = torch.randn(tasks, o, 1, 3, 3, generator=g) / 3
+    b = torch.randn(tasks, o, generator=g) / 10
+    cot = torch.randn(tasks, n, o, IMAGE, IMAGE, generator=g)
+    cols = vmap(lambda x: F.unfold(x, 3, padding=1))(x)  # weights do not touch the input: unfold it once
+    flops = 2 * (2 * tasks * n * IMAGE * IMAGE * o * 9)  # forward + weight gradient (no input gradient needed)
+
+    def fwd_bwd(f):
+        def one(x, w, b, cot):
+            _, pull = vjp(lambda w, b: f(x, w, b), w, b)
+            return pull(cot)
+        return vmap(one)
+
+    def pre_unfolded(cols, w, b):
+        out = torch.baddbmm(b.view(1, o, 1), w.reshape(o, -1).expand(n, -1, -1), cols)
+        return out.view(n, o, IMAGE, IMAGE)
+
+    ref = fwd_bwd(l1_native)(x, w, b, cot)
+    results = {}
+    for name, (f, pre) in LAYER1.items():
+        fn = fwd_bwd(pre_unfolded if pre else f)
+        inp = cols if pre else x
+        with warnings.catch_warnings():  # unfold_backward has no vmap batching rule: a (timed) per-task fallback
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            got = fn(inp, w, b, cot)
+        err = max(float((a - r).abs().max() / r.abs().max()) for a, r in zip(got, ref, strict=True))
+        times = measure(lambda fn=fn, inp=inp: fn(inp, w, b, cot), args.repeats)
+        med = statistics.median(times)
+        results[name] = {"median_s": med, "gflops": flops / med / 1e9, "rel_err_vs_native": err, "times_s": times}
+        print(f"  {name:58s} {med * 1e3:8.2f} ms {flops / med / 1e9:7.2f} GFLOP/s  (grad rel err {err:.0e})",
+              flush=True)
+    return {"flop_per_call": flops, "formulations": results}
+
+
+# --------------------------------------------------------------------------- report
+
+
+def print_tables(res: dict[str, Any]) -> None:
+    print("\n=== meta-gradient throughput (tasks/s, median; forward + meta-gradient, no optimiser step) ===")
+    if "sinusoid" in res:
+        s = res["sinusoid"]
+        print("sinusoid MLP 1-40-40-1, meta-batch 25, K=10, MAML 2nd order, 1 inner step")
+        print(f"  vectorised {s['vectorised']['tasks_per_s']:9.0f}   loop {s['loop']['tasks_per_s']:7.0f}   "
+              f"ratio {s['ratio']:.1f}x (target >= 8x)")
+    if "conv4" in res:
+        print("Conv4 Omniglot 5-way 1-shot, meta-batch 32 (vectorised = vmap over tasks)")
+        head = (f"  {'queries':>7} {'steps':>5} {'order':>5} | {'im2col':>8} {'native':>8} {'loop':>8} | "
+                f"{'im2col/loop':>11} {'native/loop':>11}")
+        print(head)
+        print("  " + "-" * (len(head) - 2))
+        for r in res["conv4"]["rows"]:
+            print(f"  {r['queries']:>7} {r['inner_steps']:>5} {r['order']:>5} | {r['im2col']['tasks_per_s']:8.1f} "
+                  f"{r['native']['tasks_per_s']:8.1f} {r['loop']['tasks_per_s']:8.1f} | "
+                  f"{r['ratio_im2col_loop']:10.2f}x {r['ratio_native_loop']:10.2f}x")
+        print("  (target: im2col/loop >= 2x for 2nd order)")
+    if "layer1" in res:
+        print("Conv4 layer 1 (1->64, 3x3, pad 1, 28x28), vmap over 32 tasks x 5 images, forward + weight grad")
+        for name, r in res["layer1"]["formulations"].items():
+            print(f"  {name:58s} {r['median_s'] * 1e3:8.2f} ms {r['gflops']:7.2f} GFLOP/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer cases and repeats (~1 minute)")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; quick 3)")
+    p.add_argument("--all-cases", action="store_true",
+                   help="also the 15-query grid (1/5 steps, 1st order): several more minutes")
+    p.add_argument("--sections", default="sinusoid,conv4,layer1",
+                   help="comma-separated subset of sinusoid,conv4,layer1")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = p.parse_args(argv)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    args.repeats_fast = max(args.repeats, 3 if args.quick else 9)  # cheap calls: more repeats, noise is high
+    torch.set_num_threads(args.threads)
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+
+    load = os.getloadavg()[0]
+    res: dict[str, Any] = {
+        "env": {"torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
+                "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "quick": args.quick,
+                "repeats": args.repeats, "warmup": 2, "loadavg_1min_start": load,
+                "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))},
+                "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))}},
+    }
+    if load > 0.5:
+        print(f"note: 1-minute load average is {load:.1f} before starting: other work shares the CPUs, expect noise "
+              "(with more torch threads than free cores, OpenMP barriers can stall for milliseconds)")
+    t0 = time.perf_counter()
+    if "sinusoid" in sections:
+        print("[sinusoid]", flush=True)
+        res["sinusoid"] = bench_sinusoid(args)
+    if "conv4" in sections:
+        print("[conv4]", flush=True)
+        res["conv4"] = bench_conv(args)
+    if "layer1" in sections:
+        print("[layer1]", flush=True)
+        res["layer1"] = bench_layer1(args)
+    res["env"]["wall_s"] = time.perf_counter() - t0
+    res["env"]["loadavg_1min_end"] = os.getloadavg()[0]
+    res["env"]["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print_tables(res)
+    print(f"\nwall time {res['env']['wall_s']:.0f} s, {args.threads} threads, peak RSS "
+          f"{res['env']['peak_rss_mib']:.0f} MiB, load average {load:.1f} -> {res['env']['loadavg_1min_end']:.1f}")
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
