@@ -91,8 +91,3 @@ class RelationNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
-
-    def relate(self, pairs: torch.Tensor) -> torch.Tensor:
-        """``pairs [P, 2C, s, s]`` -> scores ``[P]`` in (0, 1)."""
-        z = self.relation(pairs).flatten(1)
-        return torch.sigmoid(self.fc2(torch.relu(self.fc1(z)))).squeeze(-1)
