@@ -5,8 +5,8 @@ Measures tasks/s of one meta-batch's forward + meta-gradient (no outer optimiser
 1. sinusoid regression, MLP 1-40-40-1, meta-batch 25, K=10, second-order MAML, 1 inner step:
    ``alg.meta_gradient`` vs a plain per-task autograd loop written here;
 2. Conv4 on Omniglot-shaped random tasks, 5-way 1-shot (1 and 15 queries per class), meta-batch 32,
-   1 and 5 inner steps, second and first order: vectorised with ``conv_impl="im2col"`` (the default),
-   vectorised with ``conv_impl="native"`` and a per-task loop using ``F.conv2d`` / ``F.batch_norm``;
+   1 and 5 inner steps, second and first order: vectorised with ``conv_impl="native"`` (the default),
+   vectorised with ``conv_impl="im2col"`` and a per-task loop using ``F.conv2d`` / ``F.batch_norm``;
 3. the Conv4 first layer (1 -> 64 channels, 3x3, pad 1, 28x28) forward + backward under ``vmap`` with
    per-task weights (32 tasks x 5 images) in several formulations, in GFLOP/s.
 
@@ -18,7 +18,9 @@ Results depend on the environment, which the JSON records: the load average (oth
 cores; more torch threads than free cores makes OpenMP barriers stall) and glibc allocator settings.
 Vectorised tensors are large (one Conv4 layer-1 activation for 32 tasks x 5 images is 32 MB), above
 glibc's mmap threshold, so each is freshly mapped and page-faulted; e.g.
-``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000`` changes the vectorised numbers a lot.
+keeping freed memory in the heap changes the vectorised numbers a lot. The script applies
+``mtl_ray.runtime.tune_allocator`` (as the trainer and workers do) to both sides; ``MTL_RAY_TUNE_MALLOC=0``
+measures without it.
 
     python bench/throughput.py                 # full run (a few minutes)
     python bench/throughput.py --quick         # ~1 minute
@@ -50,6 +52,7 @@ from mtl_ray.config import Config, from_dict
 from mtl_ray.data.base import TaskBatch
 from mtl_ray.data.sinusoid import SinusoidTaskSource
 from mtl_ray.models import build_model, initial_params
+from mtl_ray.runtime import tune_allocator
 
 Params = dict[str, torch.Tensor]
 
@@ -411,13 +414,14 @@ def main(argv: list[str] | None = None) -> int:
     args.repeats = args.repeats or (3 if args.quick else 5)
     args.repeats_fast = max(args.repeats, 3 if args.quick else 9)  # cheap calls: more repeats, noise is high
     torch.set_num_threads(args.threads)
+    tuned = tune_allocator()  # as the trainer and every worker do (MTL_RAY_TUNE_MALLOC=0 to compare)
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
 
     load = os.getloadavg()[0]
     res: dict[str, Any] = {
         "env": {"torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
                 "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "quick": args.quick,
-                "repeats": args.repeats, "warmup": 2, "loadavg_1min_start": load,
+                "repeats": args.repeats, "warmup": 2, "malloc_tuned": tuned, "loadavg_1min_start": load,
                 "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))},
                 "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))}},
     }

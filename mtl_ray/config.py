@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
@@ -101,6 +102,7 @@ class OptimConfig:
     grad_clip: float = 0.0  # max global norm of the meta-gradient; 0 disables
     val_every: int = 100  # meta-validate every N steps; 0 disables
     val_tasks: int = 64
+    max_minutes: float = 0.0  # wall-clock budget of one invocation; stops early (validated, checkpointed); 0: none
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,9 @@ def _sections() -> dict[str, type]:
     return {f.name: hints[f.name] for f in dataclasses.fields(Config) if dataclasses.is_dataclass(hints[f.name])}
 
 
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     """Check ``value`` against a field type; return the coerced value (or None after a problem)."""
     origin = typing.get_origin(tp)
@@ -195,6 +200,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string; people write it anyway
         problems.append(f"{where}: got {value!r} ({type(value).__name__}), expected a number")
         return None
     if tp is str:
@@ -358,6 +365,7 @@ def check_static(cfg: Config) -> list[str]:
     _positive(p, "optim.steps", o.steps)
     _positive(p, "optim.grad_clip", o.grad_clip, allow_zero=True)
     _positive(p, "optim.val_every", o.val_every, allow_zero=True)
+    _positive(p, "optim.max_minutes", o.max_minutes, allow_zero=True)
     _positive(p, "optim.val_tasks", o.val_tasks)
     _positive(p, "scaling.num_workers", s.num_workers, allow_zero=True)
     _positive(p, "scaling.cpus_per_worker", s.cpus_per_worker, allow_zero=True)

@@ -28,6 +28,16 @@ def test_overrides_are_typed_and_applied():
     assert cfg.eval_inner_steps == cfg.algorithm.inner_steps
 
 
+def test_exponent_floats_without_a_dot_are_numbers():
+    """YAML 1.1 reads ``1e-3`` as a string; a float field still takes it, an int field still refuses it."""
+    cfg = load_config(None, ["optim.outer_lr=1e-3", "algorithm.inner_lr=5E-1"])
+    assert cfg.optim.outer_lr == 1e-3 and cfg.algorithm.inner_lr == 0.5
+    with pytest.raises(ConfigError, match=r"optim.steps: got '1e3' \(str\), expected an integer"):
+        load_config(None, ["optim.steps=1e3"])
+    with pytest.raises(ConfigError, match=r"optim.outer_lr: got 'fast' \(str\), expected a number"):
+        load_config(None, ["optim.outer_lr=fast"])
+
+
 def test_all_static_problems_reported_at_once():
     with pytest.raises(ConfigError) as e:
         from_dict({"data": {"ways": 1, "shots": 0}, "optim": {"outer_lr": -1.0, "meta_batch_size": 0},

@@ -148,13 +148,21 @@ class FunctionalAlgorithm:
         def objective(p: Params, sx, sy, qx, qy):
             return self.task_objective(p, sx, sy, qx, qy, steps)
 
-        per_task = vmap(grad(objective, has_aux=True), in_dims=(None, 0, 0, 0, 0))
+        per_task = vmap(objective, in_dims=(None, 0, 0, 0, 0))
+
+        def chunk_loss(p: Params, sx, sy, qx, qy):
+            # d(sum of task losses)/d params is the sum of the per-task meta-gradients: one backward
+            # through the vmapped tasks instead of per-task gradients that are then summed.
+            losses, metrics = per_task(p, sx, sy, qx, qy)
+            return losses.sum(), metrics
+
+        chunk_grad = grad(chunk_loss, has_aux=True)
         total: Params | None = None
         sums: dict[str, float] = {}
         for start, stop in chunks(batch.num_tasks, self.chunk_size):
             part = batch.slice(start, stop)
-            grads, metrics = per_task(params, part.support_x, part.support_y, part.query_x, part.query_y)
-            total = add_into(total, {k: g.sum(0) for k, g in grads.items()})
+            grads, metrics = chunk_grad(params, part.support_x, part.support_y, part.query_x, part.query_y)
+            total = add_into(total, grads)
             _accumulate(sums, metrics)
         assert total is not None, "meta_gradient needs at least one task"
         return ShardResult(grads=total, num_tasks=batch.num_tasks, metrics=sums)

@@ -144,19 +144,26 @@ class MetaTrainer:
         return self.last_checkpoint
 
     def fit(self, until: int | None = None) -> Summary:
-        """Train to step ``until`` (default ``optim.steps``), validating and checkpointing on schedule."""
+        """Train to step ``until`` (default ``optim.steps``), validating and checkpointing on schedule.
+
+        With ``optim.max_minutes`` the first step that ends past the budget is treated as the last one
+        (validated and checkpointed), so a budgeted run can be resumed like any other.
+        """
         until = self.cfg.optim.steps if until is None else until
         o, t = self.cfg.optim, self.cfg.tracking
         start_step, start_tasks, t0 = self.step, self.tasks_seen, time.perf_counter()
+        deadline = t0 + 60 * o.max_minutes if o.max_minutes > 0 else math.inf
         while self.step < until:
             out = self.train_step()
-            last = self.step == until
+            last = self.step == until or time.perf_counter() >= deadline
             if o.val_every and (self.step % o.val_every == 0 or last):
                 out.update(self.validate())
             if last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):  # always keep the final one
                 self.checkpoint()
             for cb in self.callbacks:
                 cb.on_metrics(self.step, out)
+            if last:
+                break
         secs = time.perf_counter() - t0
         tasks = self.tasks_seen - start_tasks
         return Summary(steps=self.step - start_step, tasks=tasks, seconds=secs, tasks_per_s=tasks / max(secs, 1e-9),

@@ -13,6 +13,7 @@ import torch
 
 from mtl_ray.algorithms import Params, ShardResult, build_learner
 from mtl_ray.config import Config, from_dict
+from mtl_ray.runtime import tune_allocator
 
 
 def resolve_device(gpus: float) -> torch.device:
@@ -23,6 +24,7 @@ def resolve_device(gpus: float) -> torch.device:
 class ShardWorker:
     def __init__(self, cfg: Config | str, device: str | torch.device = "cpu"):
         self.cfg = from_dict(json.loads(cfg)) if isinstance(cfg, str) else cfg
+        tune_allocator()
         if self.cfg.scaling.torch_threads:
             torch.set_num_threads(self.cfg.scaling.torch_threads)
         self.device = torch.device(device)

@@ -20,12 +20,16 @@ BN_EPS = 1e-5
 
 
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = BN_EPS) -> torch.Tensor:
-    """Batch-statistics norm over all dims but 1: ``x [N, C, ...]``, ``weight, bias [C]``."""
+    """Batch-statistics norm over all dims but 1: ``x [N, C, ...]``, ``weight, bias [C]``.
+
+    Folded into one per-channel scale and shift (``x * scale + shift``) after a single ``var_mean``
+    pass: two full-size elementwise ops instead of six, which is most of Conv4's time under ``vmap``.
+    """
     dims = [0, *range(2, x.dim())]
-    mean = x.mean(dim=dims, keepdim=True)
-    var = (x - mean).pow(2).mean(dim=dims, keepdim=True)
+    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
     shape = [1, -1] + [1] * (x.dim() - 2)
-    return (x - mean) * torch.rsqrt(var + eps) * weight.view(shape) + bias.view(shape)
+    scale = torch.rsqrt(var + eps) * weight.view(shape)
+    return torch.addcmul(bias.view(shape) - mean * scale, x, scale)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, stride: int, padding: int,
@@ -55,8 +59,9 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = conv2d(x, self.conv.weight, self.conv.bias, stride=self.conv.stride[0], padding=1, impl=self.impl)
-        x = F.relu(batch_norm(x, self.norm.weight, self.norm.bias))
-        return F.max_pool2d(x, 2) if self.pool else x
+        x = batch_norm(x, self.norm.weight, self.norm.bias)
+        # max-pool before ReLU: equal (ReLU is monotone) and the ReLU touches 4x fewer elements.
+        return F.relu(F.max_pool2d(x, 2) if self.pool else x)
 
 
 def block_output_size(size: int, blocks: int, downsample: str, pooled: int | None = None) -> int:

@@ -95,3 +95,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
         load_checkpoint(tmp_path / "empty")
     with pytest.raises(CheckpointError, match="no such checkpoint file"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_time_budget_stops_early_with_a_validated_checkpoint(tmp_path):
+    """``optim.max_minutes``: the step that crosses the budget is the last, and it is checkpointed."""
+    cfg = _cfg(**{"optim.steps": 1000, "optim.max_minutes": 1e-9, "optim.val_every": 500,
+                  "tracking.checkpoint_every": 500})
+    trainer = MetaTrainer.create(cfg, tmp_path)
+    summary = trainer.fit()
+    assert summary.steps == 1 and trainer.step == 1
+    assert set(summary.final_val) == {"meta_val/loss"}
+    assert load_checkpoint(latest_checkpoint(tmp_path)).step == 1
