@@ -89,7 +89,7 @@ def evaluate(ckpt_path: str, *, overrides: Sequence[str], split: str, episodes: 
               f"(accuracy {100 - err:.2f}%)  [{cfg.algorithm.name}, step {ck.step}, {steps} inner steps]", file=out)
         result["lake/error_pct"] = err
         return result
-    problems = check_data(cfg)
+    problems = check_data(cfg, [split])
     if problems:
         raise ConfigError(problems)
     executor = LocalExecutor(cfg)

@@ -10,7 +10,7 @@ the value expected and the fix. Decoded sources are cached per process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -173,13 +173,21 @@ def build_task_source(cfg: Config) -> TaskSource:
 
 
 def splits_used(cfg: Config) -> list[str]:
-    """Splits a training run samples from: train, val (when ``optim.val_every > 0``) and test."""
-    return ["train", *(["val"] if cfg.optim.val_every > 0 else []), "test"]
+    """Splits a training run samples from: train, and val when ``optim.val_every > 0``.
+
+    The test split is checked when it is used (``mtl-ray eval``), so a run may leave it empty on
+    purpose, e.g. when it is scored on Lake's runs instead.
+    """
+    return ["train", *(["val"] if cfg.optim.val_every > 0 else [])]
 
 
-def check_data(cfg: Config) -> list[str]:
-    """Data-dependent config problems (empty when fine); missing/corrupt files come back as messages."""
+def check_data(cfg: Config, splits: Sequence[str] | None = None) -> list[str]:
+    """Data-dependent problems of ``splits`` (default: those training uses); empty when fine.
+
+    Missing or corrupt files come back as messages too.
+    """
     d = cfg.data
+    splits = splits_used(cfg) if splits is None else list(splits)
     if d.source == "sinusoid":
         return []
     try:
@@ -188,7 +196,7 @@ def check_data(cfg: Config) -> list[str]:
         return list(e.problems)
     problems = list(loaded.problems)
     fewest: tuple[int, str, str] | None = None  # (examples, split, class)
-    for split in splits_used(cfg):
+    for split in splits:
         pool = loaded.pools[split]
         n = pool.num_classes
         if n == 0:
@@ -205,7 +213,7 @@ def check_data(cfg: Config) -> list[str]:
     need = d.shots + d.queries
     if fewest is not None and need > fewest[0]:
         m, split, name = fewest
-        uniform = all(len(x) == m for s in splits_used(cfg) for x in loaded.pools[s].images)
+        uniform = all(len(x) == m for s in splits for x in loaded.pools[s].images)
         where = (f"examples per class in {loaded.name}" if uniform
                  else f"examples per class in {loaded.name}: class {name!r} of the {split!r} split has {m}")
         problems.append(f"data.shots + data.queries: got {need} ({d.shots} + {d.queries}), expected <= {m} "
