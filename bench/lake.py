@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     for alg in [a.strip() for a in args.algorithms.split(",") if a.strip()]:
         config = ROOT / "jobs" / "configs" / f"omniglot_{alg}_lake.yaml"
         if not config.exists():
-            raise SystemExit(f"--algorithms: got {alg!r}, expected one with a config jobs/configs/omniglot_<alg>_lake.yaml")
+            raise SystemExit(f"--algorithms: got {alg!r}, expected one with a config "
+                             "jobs/configs/omniglot_<alg>_lake.yaml")
         run_dir = args.work_dir / f"{alg}-{stamp}"
         run_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()

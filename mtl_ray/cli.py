@@ -32,24 +32,26 @@ def validate(cfg_path: str | None, overrides: Sequence[str]) -> Config:
 
 def run_dir_for(cfg: Config, explicit: str | None) -> Path:
     if explicit:
-        return Path(explicit)
+        return Path(explicit).absolute()
     name = cfg.tracking.run_name or f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.tracking.run_dir) / name
+    return (Path(cfg.tracking.run_dir) / name).absolute()
 
 
 def train(cfg: Config, run_dir: Path, *, resume: bool = False, out=sys.stdout):
     """Meta-train ``cfg`` into ``run_dir``; the shared body of ``mtl-ray train`` and jobs/meta_train.py."""
     import torch
 
-    from mtl_ray.distributed.checkpoint import latest_checkpoint
+    from mtl_ray.distributed.checkpoint import checkpoint_location, latest_checkpoint
     from mtl_ray.distributed.driver import MetaTrainer
     from mtl_ray.tracking.local import JsonlMetrics, Progress, atomic_write_text
 
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
-    if resume and latest_checkpoint(run_dir) is None:
-        raise ConfigError([f"--resume: no checkpoint in {run_dir}/checkpoints; expected a run directory of an "
-                           "earlier run (pass it with --run-dir, or drop --resume to start fresh)"])
+    location = checkpoint_location(run_dir, cfg.tracking.checkpoint_uri)
+    if resume and latest_checkpoint(location) is None:
+        raise ConfigError([f"--resume: no checkpoint in {location}; expected the run directory (or "
+                           "tracking.checkpoint_uri) of an earlier run (pass it with --run-dir, or drop --resume "
+                           "to start fresh)"])
     atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     trainer = MetaTrainer.create(cfg, run_dir, resume=resume)
     log = JsonlMetrics(run_dir, resume_step=trainer.step)

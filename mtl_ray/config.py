@@ -111,6 +111,9 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     torch_threads: int = 0  # 0: torch's default
+    address: str = ""  # Ray cluster to join; "": $RAY_ADDRESS / the job's cluster, else start a local Ray
+    max_restarts: int = 3  # restarts Ray grants each worker actor (a lost worker is replaced after that)
+    step_timeout_s: float = 600.0  # a step whose shards are not all back by then fails with an error
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,7 @@ class TrackingConfig:
     run_dir: str = "runs"
     run_name: str = ""  # "" -> derived from the config name and a timestamp
     checkpoint_every: int = 100
+    checkpoint_uri: str = ""  # "" -> <run dir>/checkpoints; or a local dir / pyarrow.fs URI (s3://, gs://, ...)
     log_every: int = 10
     progress: bool = True
     experiment: str = "mtl-ray"
@@ -371,6 +375,8 @@ def check_static(cfg: Config) -> list[str]:
     _positive(p, "scaling.cpus_per_worker", s.cpus_per_worker, allow_zero=True)
     _positive(p, "scaling.gpus_per_worker", s.gpus_per_worker, allow_zero=True)
     _positive(p, "scaling.torch_threads", s.torch_threads, allow_zero=True)
+    _positive(p, "scaling.max_restarts", s.max_restarts, allow_zero=True)
+    _positive(p, "scaling.step_timeout_s", s.step_timeout_s)
     _positive(p, "tracking.checkpoint_every", t.checkpoint_every, allow_zero=True)
     _positive(p, "tracking.log_every", t.log_every)
     if is_regression(cfg):

@@ -57,3 +57,23 @@ def omniglot_cfg(omniglot_root: Path) -> Callable[..., Config]:
         return from_dict({"seed": seed, "data": {"root": str(omniglot_root), **data}, "optim": optim or {}})
 
     return make
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One Ray instance for the session: a ``ray.cluster_utils.Cluster`` head with 4 logical CPUs.
+
+    Tests that need more nodes add them to it (and remove them); starting Ray costs seconds.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only; see shared/notes on token auth
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 4, "include_dashboard": False, "object_store_memory": 256 * 2**20})
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

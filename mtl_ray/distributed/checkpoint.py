@@ -1,20 +1,24 @@
 """Atomic checkpoints that load without unpickling arbitrary objects (``torch.load(weights_only=True)``).
 
 A checkpoint holds the meta-parameters, the outer optimiser's state, the step, the config (as JSON,
-so the seed that drives task sampling travels with it) and counters. Files are written to a
-temporary name in the same directory and renamed, so a crash never leaves a half-written one.
+so the seed that drives task sampling travels with it) and counters. A location is a local directory
+or any ``pyarrow.fs`` URI (``s3://bucket/run``, ``gs://...``, ``hdfs://...``, ``file:///...``), so a
+run on a cluster can checkpoint to shared storage and resume on another machine. Files are written
+to a temporary name in the same directory and then moved into place, so a crash never leaves a
+half-written checkpoint under a real name.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import re
-import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import torch
 
 from mtl_ray.algorithms import Params, TaskShape
@@ -40,13 +44,35 @@ class CheckpointError(UserError):
     pass
 
 
-def checkpoint_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+def checkpoint_location(run_dir: str | Path, uri: str = "") -> str:
+    """Where a run's checkpoints go: ``uri`` (``tracking.checkpoint_uri``) or ``<run_dir>/checkpoints``."""
+    return uri or str(Path(run_dir) / "checkpoints")
 
 
-def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _resolve(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """A filesystem and a path on it for a local path or a ``pyarrow.fs`` URI."""
+    text = str(location)
+    if "://" in text:
+        try:
+            return pafs.FileSystem.from_uri(text)
+        except Exception as e:  # unknown scheme, missing credentials, bad bucket name ...
+            raise CheckpointError(f"checkpoint location {text!r}: pyarrow.fs cannot open it ({e}); expected a local "
+                                  "path or a URI such as s3://bucket/dir, gs://bucket/dir or file:///abs/dir") from e
+    return pafs.LocalFileSystem(), str(Path(text).resolve())
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}"
+
+
+def _kind(fs: pafs.FileSystem, path: str) -> pafs.FileType:
+    return fs.get_file_info(path).type
+
+
+def save_checkpoint(location: str | Path, ckpt: Checkpoint) -> str:
+    """Write ``<location>/step_XXXXXXXX.pt`` (temporary name, then moved); return its path or URI."""
+    fs, base = _resolve(location)
+    name = f"step_{ckpt.step:08d}.pt"
     payload = {
         "format": FORMAT_VERSION,
         "step": ckpt.step,
@@ -58,36 +84,53 @@ def save_checkpoint(path: str | Path, ckpt: Checkpoint) -> Path:
         "tasks_seen": ckpt.tasks_seen,
         "metrics": json.dumps(ckpt.metrics),
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    fs.create_dir(base, recursive=True)
+    tmp = _join(base, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with fs.open_output_stream(tmp) as f:
+            f.write(buf.getvalue())
+        fs.move(tmp, _join(base, name))  # a rename on local disks and HDFS; copy+delete on object stores
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if _kind(fs, tmp) == pafs.FileType.File:
+            fs.delete_file(tmp)
         raise
-    return path
+    return _join(str(location).rstrip("/"), name) if "://" in str(location) else _join(base, name)
 
 
-def save_run_checkpoint(run_dir: str | Path, ckpt: Checkpoint) -> Path:
-    """``<run_dir>/checkpoints/step_XXXXXXXX.pt``."""
-    return save_checkpoint(checkpoint_dir(run_dir) / f"step_{ckpt.step:08d}.pt", ckpt)
+def latest_checkpoint(location: str | Path) -> str | None:
+    """The newest ``step_XXXXXXXX.pt`` in a checkpoint location, or in ``<run dir>/checkpoints``."""
+    fs, base = _resolve(location)
+    nested = _join(base, "checkpoints")
+    if _kind(fs, nested) == pafs.FileType.Directory:
+        base, location = nested, _join(str(location).rstrip("/"), "checkpoints")
+    if _kind(fs, base) != pafs.FileType.Directory:
+        return None
+    names = sorted(Path(i.path).name for i in fs.get_file_info(pafs.FileSelector(base))
+                   if _NAME.match(Path(i.path).name))
+    if not names:
+        return None
+    return _join(str(location).rstrip("/"), names[-1]) if "://" in str(location) else _join(base, names[-1])
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
-    path = Path(path)
-    if path.is_dir():
+    """Load a ``.pt`` file, or the latest checkpoint of a run directory / checkpoint location."""
+    fs, resolved = _resolve(path)
+    kind = _kind(fs, resolved)
+    if kind == pafs.FileType.Directory:
         found = latest_checkpoint(path)
         if found is None:
             raise CheckpointError(f"{path}: no checkpoint found; expected a run directory holding "
                                   "checkpoints/step_XXXXXXXX.pt or a .pt file")
         path = found
-    if not path.is_file():
+        fs, resolved = _resolve(path)
+    elif kind != pafs.FileType.File:
         raise CheckpointError(f"{path}: no such checkpoint file; pass a .pt file or a run directory")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        with fs.open_input_file(resolved) as f:
+            data = f.read()
+        raw = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for corrupt / foreign files
         raise CheckpointError(f"{path}: not a readable mtl-ray checkpoint ({e.__class__.__name__}: {e})") from e
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
@@ -103,14 +146,6 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         tasks_seen=int(raw["tasks_seen"]),
         metrics=json.loads(raw["metrics"]),
     )
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    d = checkpoint_dir(run_dir)
-    if not d.is_dir():
-        return None
-    found = sorted(p for p in d.iterdir() if _NAME.match(p.name))
-    return found[-1] if found else None
 
 
 def _shape(d: dict) -> TaskShape:

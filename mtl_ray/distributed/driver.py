@@ -19,7 +19,13 @@ import torch
 from mtl_ray import metrics as M
 from mtl_ray.algorithms import Params, ShardResult, TaskShape, build_learner, initial_meta_params
 from mtl_ray.config import Config
-from mtl_ray.distributed.checkpoint import Checkpoint, latest_checkpoint, load_checkpoint, save_run_checkpoint
+from mtl_ray.distributed.checkpoint import (
+    Checkpoint,
+    checkpoint_location,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mtl_ray.distributed.evaluate import evaluate_tasks
 from mtl_ray.distributed.executor import Executor, build_executor, shard
 
@@ -35,13 +41,14 @@ class Summary:
     seconds: float
     tasks_per_s: float
     skipped_steps: int
+    worker_faults: int
     final_val: dict[str, float]
     checkpoint: str | None
 
     def lines(self) -> list[str]:
         val = ", ".join(f"{k}={v:.4f}" for k, v in self.final_val.items()) or "none"
         return [f"steps: {self.steps}  tasks: {self.tasks}  tasks/s: {self.tasks_per_s:.1f}  "
-                f"time: {self.seconds:.1f}s  skipped steps: {self.skipped_steps}",
+                f"time: {self.seconds:.1f}s  skipped steps: {self.skipped_steps}  worker faults: {self.worker_faults}",
                 f"final meta-validation: {val}", f"checkpoint: {self.checkpoint}"]
 
 
@@ -81,7 +88,7 @@ class MetaTrainer:
         self.tasks_seen = tasks_seen
         self.callbacks = list(callbacks)
         self.last_val: dict[str, float] = {}
-        self.last_checkpoint: Path | None = None
+        self.last_checkpoint: str | None = None
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -89,7 +96,7 @@ class MetaTrainer:
                callbacks: Sequence[Callback] = (), executor: Executor | None = None) -> MetaTrainer:
         """A trainer at step 0, or at the latest checkpoint in ``run_dir`` when ``resume``."""
         executor = executor or build_executor(cfg)
-        found = latest_checkpoint(run_dir) if resume else None
+        found = latest_checkpoint(checkpoint_location(run_dir, cfg.tracking.checkpoint_uri)) if resume else None
         if found is not None:
             ck = load_checkpoint(found)
             return cls(cfg, executor, params=ck.params, shape=ck.shape, run_dir=run_dir, optimizer_state=ck.optimizer,
@@ -111,6 +118,7 @@ class MetaTrainer:
         out = M.prefixed("meta_train", sums, num_tasks)
         out[M.META_TRAIN_GRAD_NORM] = grad_norm
         out[M.META_TRAIN_SKIPPED_STEPS] = float(self.skipped_steps)
+        out[M.META_TRAIN_WORKER_FAULTS] = float(self.executor.faults)
         out[M.META_TRAIN_TASKS_PER_S] = num_tasks / max(time.perf_counter() - t0, 1e-9)
         return out
 
@@ -136,11 +144,11 @@ class MetaTrainer:
         return self.last_val
 
     # ------------------------------------------------------------------ the loop
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> str:
         ck = Checkpoint(step=self.step, params=self.params, optimizer=self.optimizer.state_dict(), config=self.cfg,
                         shape=self.shape, skipped_steps=self.skipped_steps, tasks_seen=self.tasks_seen,
                         metrics=self.last_val)
-        self.last_checkpoint = save_run_checkpoint(self.run_dir, ck)
+        self.last_checkpoint = save_checkpoint(checkpoint_location(self.run_dir, self.cfg.tracking.checkpoint_uri), ck)
         return self.last_checkpoint
 
     def fit(self, until: int | None = None) -> Summary:
@@ -167,8 +175,8 @@ class MetaTrainer:
         secs = time.perf_counter() - t0
         tasks = self.tasks_seen - start_tasks
         return Summary(steps=self.step - start_step, tasks=tasks, seconds=secs, tasks_per_s=tasks / max(secs, 1e-9),
-                       skipped_steps=self.skipped_steps, final_val=self.last_val,
-                       checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None)
+                       skipped_steps=self.skipped_steps, worker_faults=self.executor.faults, final_val=self.last_val,
+                       checkpoint=self.last_checkpoint)
 
     def close(self) -> None:
         self.executor.close()

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 
 from mtl_ray.algorithms import Params, ShardResult
-from mtl_ray.config import Config, UserError
+from mtl_ray.config import Config
 from mtl_ray.distributed.worker import ShardWorker, resolve_device
 
 
 class Executor(Protocol):
     num_shards: int
+    faults: int  # shards re-run because their worker died (always 0 in-process)
 
     def meta_gradients(self, params: Params, step: int, shards: Sequence[Sequence[int]]) -> list[ShardResult]: ...
 
@@ -34,6 +35,7 @@ class LocalExecutor:
     """``num_workers = 0``: every shard runs here, one after another, on one :class:`ShardWorker`."""
 
     num_shards = 1
+    faults = 0
 
     def __init__(self, cfg: Config):
         self.worker = ShardWorker(cfg, resolve_device(cfg.scaling.gpus_per_worker))
@@ -50,8 +52,9 @@ class LocalExecutor:
 
 
 def build_executor(cfg: Config) -> Executor:
+    """In-process for ``scaling.num_workers = 0``, else a group of Ray worker actors."""
     if cfg.scaling.num_workers == 0:
         return LocalExecutor(cfg)
-    # Ray worker actors land with the distributed issue; until then say so instead of failing later.
-    raise UserError(f"scaling.num_workers: got {cfg.scaling.num_workers}, expected 0 (in-process); "
-                    "Ray worker actors are not in this version yet, set scaling.num_workers=0")
+    from mtl_ray.distributed.ray_executor import RayExecutor  # imports ray only when it is used
+
+    return RayExecutor(cfg)

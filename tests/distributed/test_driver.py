@@ -62,7 +62,7 @@ def test_resumed_run_ends_with_the_same_weights(tmp_path):
     full.fit()
     part = MetaTrainer.create(cfg, tmp_path / "part")
     part.fit(until=3)
-    assert latest_checkpoint(tmp_path / "part").name == "step_00000003.pt"
+    assert latest_checkpoint(tmp_path / "part").endswith("/checkpoints/step_00000003.pt")
     resumed = MetaTrainer.create(cfg, tmp_path / "part", resume=True)
     assert resumed.step == 3 and resumed.tasks_seen == 18
     resumed.fit()
@@ -106,3 +106,23 @@ def test_time_budget_stops_early_with_a_validated_checkpoint(tmp_path):
     assert summary.steps == 1 and trainer.step == 1
     assert set(summary.final_val) == {"meta_val/loss"}
     assert load_checkpoint(latest_checkpoint(tmp_path)).step == 1
+
+
+def test_checkpoints_to_a_pyarrow_uri_and_resume_from_it(tmp_path):
+    """``tracking.checkpoint_uri`` takes any pyarrow.fs URI (file:// here); resume reads it back."""
+    uri = f"file://{tmp_path}/remote/ck"
+    cfg = _cfg(**{"tracking.checkpoint_uri": uri})
+    first = MetaTrainer.create(cfg, tmp_path / "run")
+    first.fit(until=3)
+    assert first.last_checkpoint == f"{uri}/step_00000003.pt"
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert sorted(p.name for p in (tmp_path / "remote" / "ck").iterdir()) == ["step_00000003.pt"]  # no temp left
+    resumed = MetaTrainer.create(cfg, tmp_path / "run", resume=True)
+    assert resumed.step == 3
+    resumed.fit()
+    whole = MetaTrainer.create(_cfg(), tmp_path / "whole")
+    whole.fit()
+    for k in whole.params:
+        assert torch.equal(whole.params[k], resumed.params[k])
+    with pytest.raises(CheckpointError, match=r"pyarrow\.fs cannot open it"):
+        load_checkpoint("nosuchscheme://bucket/x.pt")

@@ -1,0 +1,217 @@
+"""Shards of a meta-batch on a group of Ray worker actors, with fault tolerance.
+
+Each actor wraps one :class:`ShardWorker` (loads its task source once, holds the learner). Per call
+the driver puts the current weights in the object store once (as numpy: zero-copy for actors on the
+same node) and passes that one reference to every actor with its shard of task indices.
+
+Faults: a shard whose actor dies (process killed, node lost) comes back as ``RayActorError``; it is
+re-run on the next worker slot (restarted by Ray, or replaced when its restarts are spent) within
+the same call. Shards are pure functions of (seed, split, step, indices) and each shard's result is
+kept exactly once, so a re-run neither loses nor double-counts a task. A call whose shards are not
+all back within ``scaling.step_timeout_s`` raises :class:`StepTimeoutError` instead of hanging.
+Exceptions raised by the worker's own code (bad data, a bug) are not faults and propagate at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import RayActorError
+
+from mtl_ray.algorithms import Params, ShardResult
+from mtl_ray.config import Config
+from mtl_ray.distributed.worker import ShardWorker, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+class StepTimeoutError(RuntimeError):
+    pass
+
+
+class WorkerActor:
+    """The Ray actor: a :class:`ShardWorker` that takes numpy weights (see :func:`to_numpy`)."""
+
+    def __init__(self, cfg_json: str, gpus: float):
+        self.worker = ShardWorker(cfg_json, resolve_device(gpus))
+
+    def meta_gradient(self, params: dict[str, np.ndarray], step: int, indices: Sequence[int]) -> ShardResult:
+        return self.worker.meta_gradient(from_numpy(params), step, indices)
+
+    def evaluate(self, params: dict[str, np.ndarray], split: str, step: int, indices: Sequence[int],
+                 inner_steps: int) -> dict[str, torch.Tensor]:
+        return self.worker.evaluate(from_numpy(params), split, step, indices, inner_steps)
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def to_numpy(params: Params) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy() for k, v in params.items()}
+
+
+def from_numpy(params: dict[str, np.ndarray]) -> Params:
+    # Object-store arrays are read-only views; one small copy gives the worker tensors it may own.
+    return {k: torch.tensor(v) for k, v in params.items()}
+
+
+def connect(address: str) -> bool:
+    """Join ``address`` (or $RAY_ADDRESS, e.g. inside ``ray job submit``), else start a local Ray.
+
+    Returns True when this call started (and so owns) the Ray instance.
+    """
+    if ray.is_initialized():
+        return False
+    ray.init(address=address or None, log_to_driver=True, include_dashboard=False if not address else None)
+    return True
+
+
+class RayExecutor:
+    """``num_workers`` actors; shards go to workers that are up and are re-run elsewhere when one dies.
+
+    Each slot keeps a readiness probe (a cheap call that returns once the actor is up): shards are
+    given to ready slots, so a worker that is restarting or being replaced is not waited on while
+    others can do the work.
+    """
+
+    def __init__(self, cfg: Config):
+        s = cfg.scaling
+        self.cfg = cfg
+        self.num_shards = s.num_workers
+        self.timeout_s = s.step_timeout_s
+        self.owns_ray = connect(s.address)
+        self.faults = 0  # shards re-run because their actor died
+        self.replaced = 0  # actors replaced because they will not come back by themselves
+        self._cfg_json = cfg.to_json()
+        self._actor_cls = ray.remote(WorkerActor).options(
+            num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker, max_restarts=s.max_restarts,
+            max_task_retries=0,  # this executor re-runs shards itself, so nothing runs twice unseen
+            scheduling_strategy="SPREAD")
+        self.actors = [self._actor_cls.remote(self._cfg_json, s.gpus_per_worker) for _ in range(s.num_workers)]
+        self._probes = [_probe(a) for a in self.actors]
+        # Every worker loads its data before the first step, so start-up errors surface here.
+        try:
+            ray.get(self._probes, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise StepTimeoutError(
+                f"scaling.num_workers={s.num_workers}: the workers did not start within scaling.step_timeout_s="
+                f"{self.timeout_s:g}s; expected {s.num_workers} x ({s.cpus_per_worker:g} CPU, {s.gpus_per_worker:g} "
+                f"GPU) free in the cluster, which has {_resources()}. Lower scaling.num_workers or "
+                "scaling.cpus_per_worker/gpus_per_worker, or add nodes") from None
+
+    def node_ids(self) -> list[str]:
+        return ray.get([a.node_id.remote() for a in self.actors], timeout=self.timeout_s)
+
+    # ------------------------------------------------------------------ the Executor protocol
+    def meta_gradients(self, params: Params, step: int, shards: Sequence[Sequence[int]]) -> list[ShardResult]:
+        ref = ray.put(to_numpy(params))  # one broadcast per step: every actor reads the same object
+        return self._run(lambda a, s: a.meta_gradient.remote(ref, step, list(s)), shards, f"step {step}")
+
+    def evaluate(self, params: Params, split: str, step: int, shards: Sequence[Sequence[int]],
+                 inner_steps: int) -> list[dict[str, torch.Tensor]]:
+        ref = ray.put(to_numpy(params))
+        return self._run(lambda a, s: a.evaluate.remote(ref, split, step, list(s), inner_steps), shards,
+                         f"evaluation on {split!r} at step {step}")
+
+    def close(self) -> None:
+        for a in self.actors:
+            with contextlib.suppress(Exception):  # already dead
+                ray.kill(a)
+        self.actors = []
+        if self.owns_ray:
+            ray.shutdown()
+            self.owns_ray = False
+
+    # ------------------------------------------------------------------ scheduling and faults
+    def submit(self, slot: int, call: Callable[[Any, Sequence[int]], Any], indices: Sequence[int]) -> Any:
+        """Start ``call`` for one shard on the actor in ``slot`` (a seam for fault-injection tests)."""
+        return call(self.actors[slot], indices)
+
+    def _ready_slots(self, deadline: float) -> list[int]:
+        """Slots whose actor is up; waits (until ``deadline``) for at least one."""
+        while True:
+            ready, _ = ray.wait(self._probes, num_returns=len(self._probes), timeout=0)
+            done = {r.hex() for r in ready}
+            slots = []
+            for i, probe in enumerate(self._probes):
+                if probe.hex() not in done:
+                    continue
+                try:
+                    ray.get(probe)
+                    slots.append(i)
+                except RayActorError as e:  # it died again while coming up
+                    self._heal(i, e)
+            if slots:
+                return slots
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return []
+            ray.wait(self._probes, num_returns=1, timeout=min(left, 1.0))
+
+    def _run(self, call: Callable[[Any, Sequence[int]], Any], shards: Sequence[Sequence[int]], what: str) -> list:
+        deadline = time.monotonic() + self.timeout_s
+        results: list[Any] = [None] * len(shards)
+        pending: dict[Any, tuple[int, int]] = {}  # ref -> (shard, slot)
+        todo = list(range(len(shards)))
+        while todo or pending:
+            if todo:
+                slots = self._ready_slots(deadline)
+                if not slots:
+                    self._timeout(what, sorted(todo + [i for i, _ in pending.values()]), len(shards))
+                for k, i in enumerate(todo):
+                    slot = slots[k % len(slots)]
+                    pending[self.submit(slot, call, shards[i])] = (i, slot)
+                todo = []
+            left = deadline - time.monotonic()
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(left, 0.0))
+            if not ready:
+                self._timeout(what, sorted(i for i, _ in pending.values()), len(shards))
+            i, slot = pending.pop(ready[0])
+            try:
+                results[i] = ray.get(ready[0])
+            except RayActorError as e:
+                self.faults += 1
+                log.warning("%s: worker %d failed (%s); re-running its shard %d on a live worker", what, slot,
+                            type(e).__name__, i)
+                self._heal(slot, e)
+                todo.append(i)
+        return results
+
+    def _timeout(self, what: str, lost: list[int], total: int) -> None:
+        s = self.cfg.scaling
+        raise StepTimeoutError(
+            f"{what}: shards {lost} of {total} not back after scaling.step_timeout_s={self.timeout_s:g}s "
+            f"({self.faults} re-run(s) after worker failures); expected {s.num_workers} worker(s) of "
+            f"{s.cpus_per_worker:g} CPU, {s.gpus_per_worker:g} GPU to answer (cluster: {_resources()}). "
+            "Add resources or raise scaling.step_timeout_s")
+
+    def _heal(self, slot: int, err: RayActorError) -> None:
+        """Probe the slot again; replace its actor when it will not come back (restarts spent, node gone)."""
+        if isinstance(err, ray.exceptions.ActorDiedError):
+            with contextlib.suppress(Exception):
+                ray.kill(self.actors[slot])
+            self.actors[slot] = self._actor_cls.remote(self._cfg_json, self.cfg.scaling.gpus_per_worker)
+            self.replaced += 1
+        self._probes[slot] = _probe(self.actors[slot])
+
+
+def _probe(actor: Any) -> Any:
+    """A call that returns once ``actor`` is up (retried through restarts; fails if it is dead)."""
+    return actor.node_id.options(max_task_retries=-1).remote()
+
+
+def _resources() -> str:
+    total = ray.cluster_resources()
+    return f"{total.get('CPU', 0):g} CPU, {total.get('GPU', 0):g} GPU in all"
