@@ -4,6 +4,7 @@ META_TRAIN_LOSS = "meta_train/loss"
 META_TRAIN_ACC = "meta_train/acc"
 META_TRAIN_TASKS_PER_S = "meta_train/tasks_per_s"
 META_TRAIN_SKIPPED_STEPS = "meta_train/skipped_steps"
+META_TRAIN_OVERHEAD = "meta_train/overhead"  # fraction of a step outside the slowest shard's compute
 META_TRAIN_WORKER_FAULTS = "meta_train/worker_faults"  # shards re-run because their worker died
 META_TRAIN_GRAD_NORM = "meta_train/grad_norm"
 META_VAL_LOSS = "meta_val/loss"

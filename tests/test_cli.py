@@ -62,7 +62,9 @@ OMNIGLOT_FAST = ["data.queries=5", "model.downsample=stride", "optim.val_every=0
 ])
 def test_omniglot_held_out_alphabets_far_above_chance(config, extra, omniglot_root, shared_data, tmp_path):
     run = tmp_path / "run"
-    cli("train", str(CONFIGS / config), *OMNIGLOT_FAST, *extra, "--run-dir", str(run), env_root=omniglot_root)
+    out = cli("train", str(CONFIGS / config), *OMNIGLOT_FAST, *extra, "--run-dir", str(run), env_root=omniglot_root)
+    if "maml" in config:  # the main job's config: Ray worker actors on a local Ray that mtl-ray starts itself
+        assert "2 worker(s)" in out.stdout and "worker faults: 0" in out.stdout, out.stdout
     text = cli("eval", str(run), "--episodes", "200", env_root=omniglot_root).stdout
     acc = _ci_value(text, "meta_test/acc")
     assert acc > 40.0, text  # chance is 20% for 5-way; held-out alphabets Korean + Tagalog

@@ -43,6 +43,7 @@ class ShardResult:
     grads: Params  # sum over the shard's tasks of each task's meta-gradient
     num_tasks: int
     metrics: dict[str, float] = field(default_factory=dict)  # sums over tasks
+    seconds: float = 0.0  # wall time the worker spent sampling and computing this shard
 
 
 class MetaAlgorithm(Protocol):

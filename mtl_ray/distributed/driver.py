@@ -115,11 +115,14 @@ class MetaTrainer:
         grad_norm = self.outer_step(grads)
         self.step += 1
         self.tasks_seen += num_tasks
+        step_s = max(time.perf_counter() - t0, 1e-9)
         out = M.prefixed("meta_train", sums, num_tasks)
+        # Broadcast, gather, reduce and the optimiser step, as a share of the step (0 when compute-bound).
+        out[M.META_TRAIN_OVERHEAD] = max(0.0, 1.0 - max(r.seconds for r in results) / step_s)
         out[M.META_TRAIN_GRAD_NORM] = grad_norm
         out[M.META_TRAIN_SKIPPED_STEPS] = float(self.skipped_steps)
         out[M.META_TRAIN_WORKER_FAULTS] = float(self.executor.faults)
-        out[M.META_TRAIN_TASKS_PER_S] = num_tasks / max(time.perf_counter() - t0, 1e-9)
+        out[M.META_TRAIN_TASKS_PER_S] = num_tasks / step_s
         return out
 
     def outer_step(self, grads: Params) -> float:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -66,14 +67,21 @@ def from_numpy(params: dict[str, np.ndarray]) -> Params:
     return {k: torch.tensor(v) for k, v in params.items()}
 
 
-def connect(address: str) -> bool:
-    """Join ``address`` (or $RAY_ADDRESS, e.g. inside ``ray job submit``), else start a local Ray.
+def connect(cfg: Config) -> bool:
+    """Join ``scaling.address`` (or $RAY_ADDRESS, e.g. inside ``ray job submit``), else start a local Ray.
 
-    Returns True when this call started (and so owns) the Ray instance.
+    A local Ray gets at least the logical CPUs the workers ask for, so ``num_workers`` larger than
+    the core count still runs on a laptop (oversubscribed) instead of waiting for resources that
+    never come. Returns True when this call started (and so owns) the Ray instance.
     """
     if ray.is_initialized():
         return False
-    ray.init(address=address or None, log_to_driver=True, include_dashboard=False if not address else None)
+    s = cfg.scaling
+    if s.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=s.address or None, log_to_driver=True)
+    else:
+        cpus = max(os.cpu_count() or 1, math.ceil(s.num_workers * s.cpus_per_worker))
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
     return True
 
 
@@ -90,7 +98,7 @@ class RayExecutor:
         self.cfg = cfg
         self.num_shards = s.num_workers
         self.timeout_s = s.step_timeout_s
-        self.owns_ray = connect(s.address)
+        self.owns_ray = connect(cfg)
         self.faults = 0  # shards re-run because their actor died
         self.replaced = 0  # actors replaced because they will not come back by themselves
         self._cfg_json = cfg.to_json()

@@ -7,6 +7,7 @@ calls it directly; each Ray worker actor wraps one. It never names a specific al
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 
 import torch
@@ -35,10 +36,12 @@ class ShardWorker:
 
     def meta_gradient(self, params: Params, step: int, indices: Sequence[int]) -> ShardResult:
         """Sum of meta-gradients of training tasks ``indices`` at ``step`` (grads returned on CPU)."""
+        t0 = time.perf_counter()
         batch = self.learner.source.sample("train", step, indices).to(self.device)
         result = self.learner.algorithm.meta_gradient(self._params(params), batch)
         grads = {k: v.detach().cpu() for k, v in result.grads.items()}
-        return ShardResult(grads=grads, num_tasks=result.num_tasks, metrics=result.metrics)
+        return ShardResult(grads=grads, num_tasks=result.num_tasks, metrics=result.metrics,
+                           seconds=time.perf_counter() - t0)
 
     def evaluate(self, params: Params, split: str, step: int, indices: Sequence[int],
                  inner_steps: int) -> dict[str, torch.Tensor]:
