@@ -1,0 +1,253 @@
+"""A trained meta-learner as an MLflow pyfunc model: few-shot adaptation as a service.
+
+One request is one task: a labelled support set and the queries to label. The model adapts to the
+support set and predicts, like :meth:`FewShotLearner.adapt(...).predict(...) <mtl_ray.api.FewShotLearner.adapt>`.
+
+    with mlflow.start_run():
+        info = log_fewshot_model("runs/omniglot_protonet/checkpoints/step_00002000.pt")
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    labels = model.predict({"support_x": sx, "support_y": sy, "query_x": qx})
+
+Input (``x_shape`` is the shape one example had in training: ``(C, H, W)`` for images, e.g. ``(1, 28, 28)`` for
+Omniglot; ``(D,)`` for regression, ``(1,)`` for sinusoid):
+
+  ``support_x``  float32 array ``[S, *x_shape]``: the support examples, preprocessed as in training
+                 (images: float in 0..1, ink high; :meth:`FewShotLearner.load_images` makes them from files);
+  ``support_y``  array ``[S]``: one label per support example. Classification: any labels (ints or strings;
+                 an object array keeps their types); regression: float targets;
+  ``query_x``    float32 array ``[Q, *x_shape]``: the examples to label.
+
+Output: an array ``[Q]``, the predicted support label of each query (classification) or the predicted value
+(regression).
+
+Through ``mlflow.pyfunc`` the input is a dict of numpy arrays; the signature is tensor-based, so MLflow checks the
+names, shapes and float32 dtype before the model runs. ``mlflow models serve`` takes the same dict as JSON in the
+"inputs" format, nested lists, cast to the signature's dtypes by the scoring server::
+
+    {"inputs": {"support_x": [[[[0.0, ...]]], ...], "support_y": ["a", "b", ...], "query_x": [...]}}
+
+A direct call of :meth:`FewShotModel.predict` also takes a one-row pandas DataFrame with those three columns, each
+cell holding a whole array. Bad input raises :class:`ServingInputError` (a :class:`UserError`, and an
+``MlflowException`` so the scoring server answers HTTP 400 with its message).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.models.model import ModelInfo
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types import Schema, TensorSpec
+
+import mtl_ray
+from mtl_ray.algorithms import TaskShape
+from mtl_ray.api import FewShotLearner
+from mtl_ray.config import UserError
+from mtl_ray.distributed.checkpoint import latest_checkpoint, load_checkpoint
+
+__all__ = ["INPUT_KEYS", "FewShotModel", "ServingInputError", "default_pip_requirements", "fewshot_signature",
+           "log_fewshot_model"]
+
+INPUT_KEYS = ("support_x", "support_y", "query_x")
+CHECKPOINT_ARTIFACT = "checkpoint"
+# What loading and predicting imports (mtl_ray.api needs no Ray, no scikit-learn); mlflow is added by MLflow.
+_RUNTIME_PACKAGES = ("torch", "numpy", "pandas", "pyarrow", "pyyaml", "pillow", "tqdm")
+
+
+class ServingInputError(UserError, MlflowException):
+    """Bad model input. Also an ``MlflowException`` (INVALID_PARAMETER_VALUE), so the scoring server returns
+    HTTP 400 with this message instead of a generic error."""
+
+    def __init__(self, message: str):
+        MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def _shape_text(x_shape: Sequence[int], first: str) -> str:
+    return f"[{', '.join([first, *map(str, x_shape)])}]"
+
+
+def _example_text(x_shape: Sequence[int]) -> str:
+    return (f"{{'support_x': float32 {_shape_text(x_shape, 'S')}, 'support_y': [S] labels, "
+            f"'query_x': float32 {_shape_text(x_shape, 'Q')}}}")
+
+
+class FewShotModel(mlflow.pyfunc.PythonModel):
+    """Adapts the checkpoint's meta-learner to each request's support set and labels its queries.
+
+    ``predict`` input: a dict (or a one-row DataFrame) with ``support_x [S, *x_shape]`` (float),
+    ``support_y [S]`` (labels; float targets for regression) and ``query_x [Q, *x_shape]`` (float).
+    Output: numpy array ``[Q]`` of predicted support labels (regression: predicted values, float32).
+    See the module docstring for the JSON form ``mlflow models serve`` takes.
+    """
+
+    def load_context(self, context) -> None:
+        self.learner = FewShotLearner.from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT], device="cpu")
+
+    @classmethod
+    def from_learner(cls, learner: FewShotLearner) -> FewShotModel:
+        """A model around an already loaded learner (no MLflow context needed)."""
+        model = cls()
+        model.learner = learner
+        return model
+
+    def predict(self, context, model_input, params=None):
+        shape = self.learner.shape
+        support_x, support_y, query_x = self._unpack(model_input)
+        try:
+            adapted = self.learner.adapt(support_x, support_y)
+            out = adapted.predict(query_x)
+        except ServingInputError:
+            raise
+        except UserError as e:  # e.g. a 3-class support set for a model with a 5-way head
+            raise ServingInputError(str(e)) from e
+        if shape.kind == "regression":
+            return out.reshape(-1).cpu().numpy().astype(np.float32)
+        if len({type(v) for v in out}) > 1:  # mixed label types: keep each one's type
+            return np.array(out, dtype=object)
+        return np.asarray(out)
+
+    # ------------------------------------------------------------------ input checks
+    def _unpack(self, model_input: Any) -> tuple[np.ndarray, Any, np.ndarray]:
+        shape = self.learner.shape
+        if isinstance(model_input, pd.DataFrame):
+            if len(model_input) != 1:
+                raise ServingInputError(
+                    f"model input: got a DataFrame with {len(model_input)} rows, expected one row holding one task "
+                    f"(columns {', '.join(INPUT_KEYS)}, each cell a whole array); or pass a dict "
+                    f"{_example_text(shape.x_shape)}")
+            model_input = {k: model_input[k].iloc[0] for k in model_input.columns}
+        if not isinstance(model_input, Mapping):
+            raise ServingInputError(f"model input: got {type(model_input).__name__}, expected a dict "
+                                    f"{_example_text(shape.x_shape)}")
+        missing = [k for k in INPUT_KEYS if k not in model_input]
+        if missing:
+            raise ServingInputError(f"model input: got keys {sorted(map(str, model_input))}, expected "
+                                    f"{', '.join(INPUT_KEYS)} (missing {', '.join(missing)}); pass a dict "
+                                    f"{_example_text(shape.x_shape)}")
+        support_x = self._examples(model_input["support_x"], "support_x", "S")
+        query_x = self._examples(model_input["query_x"], "query_x", "Q")
+        support_y = self._labels(model_input["support_y"], len(support_x))
+        return support_x, support_y, query_x
+
+    def _examples(self, value: Any, key: str, first: str) -> np.ndarray:
+        x_shape = tuple(self.learner.shape.x_shape)
+        want = _shape_text(x_shape, first)
+        try:
+            x = _as_array(value, np.float32)
+        except (TypeError, ValueError) as e:
+            raise ServingInputError(f"{key}: got a value numpy cannot turn into a float array ({e}), expected "
+                                    f"numbers of shape {want}; pass a float32 array") from e
+        if x.ndim == len(x_shape) and tuple(x.shape) == x_shape:
+            hint = f"; for one example add a leading axis (x[None]) to get shape {_shape_text(x_shape, '1')}"
+        else:
+            hint = (f"; {'resize images to' if len(x_shape) == 3 else 'give examples of'} the shape "
+                    f"{list(x_shape)} this model was trained on (FewShotLearner.load_images does it for image files)")
+        if x.ndim != len(x_shape) + 1 or tuple(x.shape[1:]) != x_shape:
+            raise ServingInputError(f"{key}: got shape {tuple(x.shape)}, expected {want}{hint}")
+        if x.shape[0] == 0:
+            raise ServingInputError(f"{key}: got 0 examples, expected {want} with {first} >= 1")
+        if not np.isfinite(x).all():
+            raise ServingInputError(f"{key}: got non-finite values (NaN or inf), expected finite floats; "
+                                    "check the preprocessing")
+        return x
+
+    def _labels(self, value: Any, count: int) -> Any:
+        regression = self.learner.shape.kind == "regression"
+        try:
+            y = _as_array(value, np.float32 if regression else None)
+        except (TypeError, ValueError) as e:
+            what = "float targets" if regression else "labels"
+            raise ServingInputError(f"support_y: got a value numpy cannot read as {what} ({e}), expected an "
+                                    f"array [S] of {what}") from e
+        if regression and y.ndim == 2 and y.shape[1] == 1:
+            y = y.reshape(-1)
+        if y.ndim != 1 or len(y) != count:
+            raise ServingInputError(f"support_y: got shape {tuple(y.shape)}, expected [{count}] (one "
+                                    f"{'target' if regression else 'label'} per support_x example)")
+        if regression:
+            if not np.isfinite(y).all():
+                raise ServingInputError("support_y: got non-finite targets (NaN or inf), expected finite floats")
+            return y
+        return y.tolist()  # Python ints / strings, whatever the array's dtype
+
+
+def _as_array(value: Any, dtype: type | None) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    if (isinstance(value, np.ndarray) and value.dtype == object and dtype is not None and value.size
+            and isinstance(value.flat[0], np.ndarray | list)):
+        # a DataFrame cell of nested lists/arrays can be an object array of arrays: stack it back
+        value = np.stack([np.asarray(v) for v in value])
+    if isinstance(value, str | bytes):
+        raise TypeError(f"a {type(value).__name__}")
+    return np.asarray(value, dtype=dtype)
+
+
+def fewshot_signature(shape: TaskShape) -> ModelSignature:
+    """Tensor signature for a model trained on ``shape``: named inputs ``support_x``/``query_x`` float32
+    ``[-1, *x_shape]``, ``support_y`` ``[-1]`` (object: any labels; float32 for regression); output ``[-1]``."""
+    x = (-1, *(int(d) for d in shape.x_shape))
+    y = np.dtype(np.float32) if shape.kind == "regression" else np.dtype(object)
+    inputs = Schema([TensorSpec(np.dtype(np.float32), x, "support_x"), TensorSpec(y, (-1,), "support_y"),
+                     TensorSpec(np.dtype(np.float32), x, "query_x")])
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(y, (-1,))]))
+
+
+def default_pip_requirements() -> list[str]:
+    """The packages loading and predicting need, pinned to the installed versions (torch without its local
+    ``+cpu``/``+cuXYZ`` label, so ``torch==X.Y.Z`` is met by whichever build the serving machine has)."""
+    reqs = []
+    for dist in _RUNTIME_PACKAGES:
+        try:
+            reqs.append(f"{dist}=={version(dist).split('+')[0]}")
+        except PackageNotFoundError:
+            reqs.append(dist)
+    return reqs
+
+
+def _resolve_checkpoint(checkpoint_path: str | Path) -> str:
+    text = str(checkpoint_path)
+    if "://" not in text and Path(text).is_dir():
+        found = latest_checkpoint(text)
+        if found is None:
+            raise UserError(f"{text}: got a directory without checkpoints, expected a .pt file or a run directory "
+                            "holding checkpoints/step_XXXXXXXX.pt; train first or pass the checkpoint file")
+        return found
+    return text
+
+
+def log_fewshot_model(checkpoint_path: str | Path, name: str = "model", input_example: Any = None, *,
+                      pip_requirements: Sequence[str] | None = None) -> ModelInfo:
+    """Log a checkpoint as a pyfunc :class:`FewShotModel` into the active MLflow run; return its ``ModelInfo``.
+
+    ``checkpoint_path``: a ``.pt`` file from :func:`save_checkpoint` or a run directory (its newest checkpoint);
+    it is stored as the model's ``checkpoint`` artifact, with a tensor signature built from the checkpoint's input
+    shape (:func:`fewshot_signature`) and the ``mtl_ray`` package as code, so ``mlflow.pyfunc.load_model`` and
+    ``mlflow models serve`` need only ``pip_requirements`` (default: :func:`default_pip_requirements`).
+    ``input_example``: optional dict ``{"support_x": float32 [S, *x_shape], "support_y": [S],
+    "query_x": float32 [Q, *x_shape]}`` saved with the model (MLflow also checks that the model serves it).
+    """
+    if mlflow.active_run() is None:
+        raise UserError("log_fewshot_model: got no active MLflow run, expected one; call it inside "
+                        "`with mlflow.start_run():`")
+    path = _resolve_checkpoint(checkpoint_path)
+    ck = load_checkpoint(path)  # fails early, with a clear message, on a missing or foreign file
+    if input_example is not None:  # MLflow checks it against the signature; a failed trial predict only warns
+        FewShotModel.from_learner(FewShotLearner(ck.config, ck.params, ck.shape))._unpack(input_example)
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=FewShotModel(),
+        artifacts={CHECKPOINT_ARTIFACT: path},
+        signature=fewshot_signature(ck.shape),
+        input_example=input_example,
+        code_paths=[str(Path(mtl_ray.__file__).resolve().parent)],
+        pip_requirements=list(pip_requirements) if pip_requirements is not None else default_pip_requirements(),
+    )

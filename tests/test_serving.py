@@ -1,0 +1,183 @@
+"""serving: a checkpoint logged as an MLflow pyfunc model adapts and predicts like the Python API.
+
+Real MLflow (a sqlite store and artifacts under tmp), a tiny ProtoNet trained in-process on the bundled
+digits, and the scoring server's own request handler for the ``mlflow models serve`` JSON path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import scoring_server
+
+from mtl_ray.api import FewShotLearner
+from mtl_ray.config import UserError, from_dict
+from mtl_ray.data import build_task_source
+from mtl_ray.distributed.driver import MetaTrainer
+from mtl_ray.serving import FewShotModel, ServingInputError, log_fewshot_model
+
+WAYS = 5
+NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _train(cfg, run_dir: Path) -> str:
+    trainer = MetaTrainer.create(cfg, run_dir)
+    try:
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert summary.checkpoint
+    return summary.checkpoint
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    """A sqlite MLflow store with its own artifact location; the previous tracking URI comes back afterwards."""
+    root = tmp_path_factory.mktemp("mlflow")
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    try:
+        yield mlflow.create_experiment("serving", artifact_location=str(root / "artifacts"))
+    finally:
+        mlflow.set_tracking_uri(previous)
+
+
+@pytest.fixture(autouse=True)
+def _keep_sys_path(monkeypatch):
+    """Loading a model with code_paths prepends its code directory to sys.path; undo that after each test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory, tracking):
+    """(cfg, checkpoint, held-out task, ModelInfo): a ProtoNet on 8x8 digits, logged with an input example."""
+    cfg = from_dict({"data": {"source": "digits", "ways": WAYS, "shots": 1, "queries": 5, "image_size": 8},
+                     "model": {"name": "conv4", "channels": 8, "blocks": 2}, "algorithm": {"name": "protonet"},
+                     "optim": {"steps": 5, "meta_batch_size": 2, "val_every": 0},
+                     "tracking": {"checkpoint_every": 0, "progress": False, "mlflow": False}})
+    ckpt = _train(cfg, tmp_path_factory.mktemp("digits_run"))
+    task = build_task_source(cfg).sample("test", 0, [0])
+    example = {"support_x": task.support_x[0].numpy(), "support_y": task.support_y[0].numpy(),
+               "query_x": task.query_x[0, :2].numpy()}
+    with mlflow.start_run(experiment_id=tracking):
+        info = log_fewshot_model(ckpt, input_example=example)
+    return cfg, ckpt, task, info
+
+
+def _inputs(task, labels=None) -> dict[str, np.ndarray]:
+    y = task.support_y[0].tolist()
+    return {"support_x": task.support_x[0].numpy(),
+            "support_y": np.array([labels[i] for i in y] if labels else y, dtype=object),
+            "query_x": task.query_x[0].numpy()}
+
+
+def test_logged_model_predicts_like_the_api(digits):
+    _cfg, ckpt, task, info = digits
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    got = model.predict(_inputs(task))
+    want = FewShotLearner.from_checkpoint(ckpt).adapt(task.support_x[0], task.support_y[0]).predict(task.query_x[0])
+    assert isinstance(got, np.ndarray) and got.shape == (task.query_x.shape[1],)
+    assert got.tolist() == want
+    accuracy = float(np.mean(got == task.query_y[0].numpy()))
+    assert accuracy > 1 / WAYS, accuracy
+
+    # string labels come back as the same strings
+    named = model.predict(_inputs(task, NAMES))
+    assert named.tolist() == [NAMES[i] for i in want]
+
+    sig = model.metadata.signature.inputs.to_dict()
+    assert [(s["name"], tuple(s["tensor-spec"]["shape"])) for s in sig] == [
+        ("support_x", (-1, 1, 8, 8)), ("support_y", (-1,)), ("query_x", (-1, 1, 8, 8))]
+    reqs = (Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "requirements.txt").read_text()
+    assert "torch==" in reqs and "ray" not in reqs and "scikit-learn" not in reqs
+
+
+def test_scoring_server_json_inputs(digits):
+    """The body ``mlflow models serve`` gets (JSON "inputs" of nested lists) goes through its own handler."""
+    _cfg, _ckpt, task, info = digits
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    schema = model.metadata.get_input_schema()
+    want = model.predict(_inputs(task, NAMES)).tolist()
+    body = json.dumps({"inputs": {k: v.tolist() for k, v in _inputs(task, NAMES).items()}})
+    res = scoring_server.invocations(body, "application/json", model, schema)
+    assert res.status == 200, res.response
+    assert json.loads(res.response) == {"predictions": want}
+
+    # a support set whose labels do not match its examples: HTTP 400 naming got / expected
+    bad = json.loads(body)
+    bad["inputs"]["support_y"] = bad["inputs"]["support_y"][:-1]
+    with pytest.raises(ServingInputError) as e:
+        scoring_server.invocations(json.dumps(bad), "application/json", model, schema)
+    assert e.value.get_http_status_code() == 400
+    assert f"support_y: got shape ({WAYS - 1},), expected [{WAYS}] (one label per support_x example)" in e.value.message
+
+
+def test_dataframe_row_and_direct_model(digits):
+    _cfg, ckpt, task, _info = digits
+    direct = FewShotModel.from_learner(FewShotLearner.from_checkpoint(ckpt))
+    want = direct.predict(None, _inputs(task, NAMES)).tolist()
+    row = pd.DataFrame([{k: v.tolist() for k, v in _inputs(task, NAMES).items()}])
+    assert direct.predict(None, row).tolist() == want
+    with pytest.raises(UserError, match=r"got a DataFrame with 2 rows, expected one row holding one task"):
+        direct.predict(None, pd.concat([row, row]))
+
+
+def test_bad_input_names_got_expected_and_fix(digits):
+    _cfg, ckpt, task, info = digits
+    direct = FewShotModel.from_learner(FewShotLearner.from_checkpoint(ckpt))
+    good = _inputs(task)
+
+    missing = {k: v for k, v in good.items() if k != "query_x"}
+    with pytest.raises(UserError, match=r"got keys \['support_x', 'support_y'\], expected support_x, support_y, "
+                                        r"query_x \(missing query_x\); pass a dict \{'support_x': float32 \[S, 1, 8"):
+        direct.predict(None, missing)
+    wrong = {**good, "query_x": np.zeros((3, 1, 28, 28), np.float32)}
+    with pytest.raises(UserError, match=r"query_x: got shape \(3, 1, 28, 28\), expected \[Q, 1, 8, 8\]; resize "
+                                        r"images to the shape \[1, 8, 8\] this model was trained on"):
+        direct.predict(None, wrong)
+    with pytest.raises(UserError, match=r"for one example add a leading axis"):
+        direct.predict(None, {**good, "query_x": good["query_x"][0]})
+
+    # through pyfunc, MLflow's tensor signature rejects these first, with its own message
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    with pytest.raises(MlflowException, match=r"missing inputs \['query_x'\]"):
+        model.predict(missing)
+    with pytest.raises(MlflowException, match=r"Shape of input \(3, 1, 28, 28\) does not match expected shape "
+                                              r"\(-1, 1, 8, 8\)"):
+        model.predict(wrong)
+    # what a signature cannot see still reaches the model's own check
+    with pytest.raises(ServingInputError, match=r"support_y: got shape \(4,\), expected \[5\]"):
+        model.predict({**good, "support_y": good["support_y"][:4]})
+
+
+def test_log_needs_an_active_run_and_a_checkpoint(digits, tracking, tmp_path):
+    _cfg, ckpt, _task, _info = digits
+    with pytest.raises(UserError, match="got no active MLflow run"):
+        log_fewshot_model(ckpt)
+    with mlflow.start_run(experiment_id=tracking), pytest.raises(UserError, match="directory without checkpoints"):
+        log_fewshot_model(tmp_path)
+
+
+def test_regression_model_predicts_values(tmp_path, tracking):
+    cfg = from_dict({"data": {"source": "sinusoid", "shots": 5, "queries": 4}, "model": {"name": "mlp",
+                     "hidden_sizes": [8]}, "algorithm": {"name": "maml"},
+                     "optim": {"steps": 2, "meta_batch_size": 2, "val_every": 0},
+                     "tracking": {"checkpoint_every": 0, "progress": False, "mlflow": False}})
+    _train(cfg, tmp_path / "run")
+    task = build_task_source(cfg).sample("test", 0, [0])
+    with mlflow.start_run(experiment_id=tracking):
+        info = log_fewshot_model(tmp_path / "run")  # a run directory: its newest checkpoint
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    got = model.predict({"support_x": task.support_x[0].numpy(), "support_y": task.support_y[0, :, 0].numpy(),
+                         "query_x": task.query_x[0].numpy()})
+    want = FewShotLearner.from_checkpoint(tmp_path / "run").adapt(task.support_x[0], task.support_y[0]) \
+        .predict(task.query_x[0])
+    assert got.dtype == np.float32 and got.shape == (4,)
+    np.testing.assert_allclose(got, want.reshape(-1).numpy(), rtol=1e-6)
