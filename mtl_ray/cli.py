@@ -12,8 +12,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import yaml
-
 from mtl_ray.config import Config, ConfigError, UserError, from_dict, load_config
 
 EXIT_CONFIG = 2
@@ -38,36 +36,54 @@ def run_dir_for(cfg: Config, explicit: str | None) -> Path:
 
 
 def train(cfg: Config, run_dir: Path, *, resume: bool = False, out=sys.stdout):
-    """Meta-train ``cfg`` into ``run_dir``; the shared body of ``mtl-ray train`` and jobs/meta_train.py."""
-    import torch
+    """Meta-train ``cfg`` into ``run_dir``; the shared body of ``mtl-ray train`` and jobs/meta_train.py.
 
-    from mtl_ray.distributed.checkpoint import checkpoint_location, latest_checkpoint
-    from mtl_ray.distributed.driver import MetaTrainer
-    from mtl_ray.tracking.local import JsonlMetrics, Progress, atomic_write_text
+    The MLflow run also gets the trained meta-learner as a pyfunc model (``mtl_ray.serving``).
+    """
+    from mtl_ray.tracking.run import run_training
 
-    if cfg.scaling.torch_threads:
-        torch.set_num_threads(cfg.scaling.torch_threads)
-    location = checkpoint_location(run_dir, cfg.tracking.checkpoint_uri)
-    if resume and latest_checkpoint(location) is None:
-        raise ConfigError([f"--resume: no checkpoint in {location}; expected the run directory (or "
-                           "tracking.checkpoint_uri) of an earlier run (pass it with --run-dir, or drop --resume "
-                           "to start fresh)"])
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    trainer = MetaTrainer.create(cfg, run_dir, resume=resume)
-    log = JsonlMetrics(run_dir, resume_step=trainer.step)
-    progress = Progress(cfg.optim.steps, trainer.step, every=cfg.tracking.log_every, enabled=cfg.tracking.progress)
-    trainer.callbacks += [log, progress]
-    print(f"run dir: {run_dir}  (start at step {trainer.step}/{cfg.optim.steps}, "
-          f"{cfg.algorithm.name} on {cfg.data.source}, {cfg.scaling.num_workers} worker(s))", file=out, flush=True)
+    return run_training(cfg, run_dir, resume=resume, on_finish=log_model, out=out)
+
+
+def tune_command(sweep_path: str, overrides: Sequence[str], sweep_dir: str | None, *, resume: bool = False,
+                 out=sys.stdout):
+    """Validate the sweep (base config, every value of its space, the data) before Ray starts; run it."""
+    from mtl_ray.data import check_data
+    from mtl_ray.tune.spec import load_sweep
+    from mtl_ray.tune.sweep import run_sweep
+
+    spec = load_sweep(sweep_path, list(overrides))
+    problems = check_data(spec.base)
+    if problems:
+        raise ConfigError(problems)
+    if resume and not sweep_dir:
+        raise ConfigError(["--resume: got no sweep to resume; expected --sweep-dir DIR of an earlier sweep"])
+    path = (Path(sweep_dir) if sweep_dir else
+            Path(spec.base.tracking.run_dir) / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
+    return run_sweep(spec, path, resume=resume, out=out)
+
+
+def log_model(tracker, summary) -> None:
+    """Log the final checkpoint as an MLflow pyfunc few-shot model into the run (skipped without one)."""
+    if not summary.checkpoint or "://" in summary.checkpoint or tracker.run_id is None:
+        return
     try:
-        summary = trainer.fit()
-    finally:
-        progress.close()
-        log.close()
-        trainer.close()
-    for line in summary.lines():
-        print(line, file=out, flush=True)
-    return summary
+        from mtl_ray.serving import log_fewshot_model
+    except ImportError:  # serving is optional
+        return
+
+    def log() -> None:
+        import os
+
+        import mlflow
+
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps job logs readable
+
+        mlflow.set_tracking_uri(tracker.uri)
+        with mlflow.start_run(run_id=tracker.run_id):
+            log_fewshot_model(summary.checkpoint)
+
+    tracker._guard(log)
 
 
 def evaluate(ckpt_path: str, *, overrides: Sequence[str], split: str, episodes: int, lake: str | None,
@@ -120,6 +136,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", help="run directory (default: tracking.run_dir/<name>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
 
+    s = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune (each trial: its own worker actors)")
+    s.add_argument("sweep", help="sweep YAML, e.g. jobs/configs/sweep_omniglot_maml.yaml")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of the base config, e.g. optim.steps=500")
+    s.add_argument("--sweep-dir", help="sweep directory (default: <base tracking.run_dir>/<sweep>-<time>)")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted sweep in --sweep-dir")
+
     e = sub.add_parser("eval", help="meta-test a checkpoint")
     e.add_argument("checkpoint", help="a .pt checkpoint or a run directory (its latest checkpoint)")
     e.add_argument("overrides", nargs="*", help="key=value overrides, e.g. data.source=digits data.shots=5")
@@ -169,6 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise ConfigError(["--resume: got no run to resume; "
                                    "expected --run-dir DIR (or tracking.run_name=NAME)"])
             train(cfg, run_dir_for(cfg, args.run_dir), resume=args.resume)
+        elif args.command == "tune":
+            tune_command(args.sweep, args.overrides, args.sweep_dir, resume=args.resume)
         elif args.command == "eval":
             if args.episodes < 1:
                 raise ConfigError([f"--episodes: got {args.episodes}, expected >= 1"])

@@ -125,7 +125,8 @@ class TrackingConfig:
     log_every: int = 10
     progress: bool = True
     experiment: str = "mtl-ray"
-    uri: str = ""  # MLflow tracking URI; "" -> local store under run_dir
+    uri: str = ""  # MLflow tracking URI; "" -> $MLFLOW_TRACKING_URI, else sqlite under tracking.run_dir
+    mlflow: bool = True  # log the run to MLflow (a local store by default; no server needed)
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,17 @@ def fewshot_signature(shape: TaskShape) -> ModelSignature:
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(y, (-1,))]))
 
 
+def example_input(shape: TaskShape) -> dict[str, np.ndarray]:
+    """A minimal valid request for a model trained on ``shape`` (one support example per class, one query)."""
+    x = tuple(int(d) for d in shape.x_shape)
+    if shape.kind == "regression":
+        return {"support_x": np.zeros((2, *x), np.float32), "support_y": np.zeros(2, np.float32),
+                "query_x": np.zeros((1, *x), np.float32)}
+    return {"support_x": np.zeros((shape.ways, *x), np.float32),
+            "support_y": np.array([f"class{i}" for i in range(shape.ways)], dtype=object),
+            "query_x": np.zeros((1, *x), np.float32)}
+
+
 def default_pip_requirements() -> list[str]:
     """The packages loading and predicting need, pinned to the installed versions (torch without its local
     ``+cpu``/``+cuXYZ`` label, so ``torch==X.Y.Z`` is met by whichever build the serving machine has)."""
@@ -240,6 +251,8 @@ def log_fewshot_model(checkpoint_path: str | Path, name: str = "model", input_ex
                         "`with mlflow.start_run():`")
     path = _resolve_checkpoint(checkpoint_path)
     ck = load_checkpoint(path)  # fails early, with a clear message, on a missing or foreign file
+    if input_example is None:
+        input_example = example_input(ck.shape)
     if input_example is not None:  # MLflow checks it against the signature; a failed trial predict only warns
         FewShotModel.from_learner(FewShotLearner(ck.config, ck.params, ck.shape))._unpack(input_example)
     return mlflow.pyfunc.log_model(

@@ -49,6 +49,26 @@ def test_sinusoid_maml_post_adaptation_mse_far_below_pre_adaptation(tmp_path):
     assert post < 0.5 * pre, (pre, post)
     steps = [r["step"] for r in read_metrics(run)]
     assert steps == list(range(1, 1501))
+    # the run is in the default MLflow store beside the run dir, with the model as a pyfunc
+    import mlflow
+    import numpy as np
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    try:
+        run_id = (run / "mlflow_run_id").read_text()
+        info = mlflow.get_run(run_id).info
+        assert info.status == "FINISHED"
+        (model,) = [m for m in mlflow.search_logged_models(experiment_ids=[info.experiment_id], output_format="list")
+                    if m.source_run_id == run_id]
+        x = np.linspace(-4, 4, 10, dtype=np.float32)[:, None]
+        y = (2.0 * np.sin(x[:, 0] + 0.5)).astype(np.float32)
+        pred = mlflow.pyfunc.load_model(model.model_uri).predict({"support_x": x, "support_y": y, "query_x": x})
+        want = FewShotLearner.from_checkpoint(run).adapt(torch.from_numpy(x), torch.from_numpy(y)).predict(
+            torch.from_numpy(x))
+        assert np.allclose(np.asarray(pred, dtype=np.float32).ravel(), np.asarray(want, dtype=np.float32).ravel(),
+                           atol=1e-5)
+    finally:
+        mlflow.set_tracking_uri(None)
 
 
 OMNIGLOT_FAST = ["data.queries=5", "model.downsample=stride", "optim.val_every=0", "tracking.checkpoint_every=0",

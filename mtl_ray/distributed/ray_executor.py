@@ -105,7 +105,9 @@ class RayExecutor:
         self._actor_cls = ray.remote(WorkerActor).options(
             num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker, max_restarts=s.max_restarts,
             max_task_retries=0,  # this executor re-runs shards itself, so nothing runs twice unseen
-            scheduling_strategy="SPREAD")
+            # Inside a Tune trial the actors must land in the trial's placement group (the default
+            # strategy captures them); elsewhere spread them over the nodes.
+            **({} if ray.util.get_current_placement_group() else {"scheduling_strategy": "SPREAD"}))
         self.actors = [self._actor_cls.remote(self._cfg_json, s.gpus_per_worker) for _ in range(s.num_workers)]
         self._probes = [_probe(a) for a in self.actors]
         # Every worker loads its data before the first step, so start-up errors surface here.

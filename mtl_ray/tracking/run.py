@@ -1,0 +1,66 @@
+"""One training run with its records: the shared body of ``mtl-ray train``, the job and Tune trials.
+
+config.yaml and metrics.jsonl in the run directory, a progress display, an MLflow run (child of a
+sweep's parent run for a trial), then the final summary. Extra callbacks (e.g. Tune's reporter) get
+every step's metrics after the local records are written.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import yaml
+
+from mtl_ray.config import Config, ConfigError
+from mtl_ray.distributed.checkpoint import checkpoint_location, latest_checkpoint
+from mtl_ray.distributed.driver import Callback, MetaTrainer, Summary
+from mtl_ray.tracking.local import JsonlMetrics, Progress, atomic_write_text
+from mtl_ray.tracking.mlflow_run import MlflowRun
+
+OnFinish = Callable[[MlflowRun, Summary], None]
+
+
+def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, callbacks: Sequence[Callback] = (),
+                 parent_run_id: str | None = None, on_finish: OnFinish | None = None,
+                 trainer_hook: Callable[[MetaTrainer], Sequence[Callback]] | None = None, out=sys.stdout) -> Summary:
+    """Meta-train ``cfg`` into ``run_dir`` (resuming from its latest checkpoint when ``resume``)."""
+    import torch
+
+    if cfg.scaling.torch_threads:
+        torch.set_num_threads(cfg.scaling.torch_threads)
+    location = checkpoint_location(run_dir, cfg.tracking.checkpoint_uri)
+    if resume and latest_checkpoint(location) is None:
+        raise ConfigError([f"--resume: no checkpoint in {location}; expected the run directory (or "
+                           "tracking.checkpoint_uri) of an earlier run (pass it with --run-dir, or drop --resume "
+                           "to start fresh)"])
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    trainer = MetaTrainer.create(cfg, run_dir, resume=resume)
+    log = JsonlMetrics(run_dir, resume_step=trainer.step)
+    progress = Progress(cfg.optim.steps, trainer.step, every=cfg.tracking.log_every, enabled=cfg.tracking.progress)
+    tracker = MlflowRun(cfg, run_dir, resume=resume, parent_run_id=parent_run_id) if cfg.tracking.mlflow else None
+    trainer.callbacks += [log, progress, *([tracker] if tracker else []), *callbacks,
+                          *(trainer_hook(trainer) if trainer_hook else [])]
+    print(f"run dir: {run_dir}  (start at step {trainer.step}/{cfg.optim.steps}, "
+          f"{cfg.algorithm.name} on {cfg.data.source}, {cfg.scaling.num_workers} worker(s))", file=out, flush=True)
+    if tracker is not None and tracker.run_id:
+        print(f"mlflow: run {tracker.run_id} in experiment {cfg.tracking.experiment!r} at {tracker.uri}",
+              file=out, flush=True)
+    status = "FAILED"
+    try:
+        summary = trainer.fit()
+        status = "FINISHED"
+    finally:
+        progress.close()
+        log.close()
+        trainer.close()
+        if tracker is not None and status == "FAILED":
+            tracker.finish(status=status)
+    if tracker is not None:
+        if on_finish is not None:
+            on_finish(tracker, summary)
+        tracker.finish(status=status, checkpoint=summary.checkpoint)
+    for line in summary.lines():
+        print(line, file=out, flush=True)
+    return summary

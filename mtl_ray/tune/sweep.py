@@ -1,0 +1,293 @@
+"""Hyperparameter sweeps: every trial is a full meta-training run with its own Ray worker actors.
+
+Each trial reserves a placement group of ``[trial process] + num_workers x [worker]`` bundles, so its
+actors are scheduled inside the trial's reservation and concurrent trials never oversubscribe the
+cluster. A trial reports its meta-validation metrics with a checkpoint at every validation; ASHA
+stops weak trials early; a failed trial restarts from its last checkpoint (``max_failures``); an
+interrupted sweep continues with ``--resume`` (``Tuner.restore``). The sweep is an MLflow parent run
+whose children are the trials; at the end it holds the trial table and the best config.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mtl_ray.config import Config
+from mtl_ray.distributed.checkpoint import latest_checkpoint
+from mtl_ray.distributed.driver import MetaTrainer
+from mtl_ray.tracking.local import atomic_write_text
+from mtl_ray.tracking.mlflow_run import RUN_ID_FILE, ensure_experiment, git_commit, tracking_uri, version_tags
+from mtl_ray.tracking.run import run_training
+from mtl_ray.tune.spec import SweepSpec, to_tune_space, trial_config
+
+BEST_CONFIG = "best_config.yaml"
+TRIALS_CSV = "trials.csv"
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    trial_id: str
+    params: dict[str, Any]
+    best: float | None
+    steps: int
+    status: str
+    run_dir: str
+    resumed_from_step: int = 0  # the step a restarted trial continued from (0: never restarted)
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    rows: list[TrialRow]
+    best_config_path: Path
+    best_checkpoint: str | None
+    best_trial: str
+    best_metric: float
+    sweep_dir: Path
+
+
+# ---------------------------------------------------------------------------- inside a trial
+
+
+def trial_run_config(spec: SweepSpec, params: Mapping[str, Any], sweep_dir: Path) -> Config:
+    """A trial's training config: sampled values applied; checkpoints at every validation; MLflow
+    in the sweep's store (beside the sweep directory, like any run's)."""
+    cfg = trial_config(spec, params)
+    return cfg.replace(**{"tracking.checkpoint_every": cfg.optim.val_every, "tracking.progress": False,
+                          "tracking.uri": tracking_uri(spec.base, sweep_dir), "tracking.checkpoint_uri": ""})
+
+
+class _Reporter:
+    """Reports each meta-validation (and its checkpoint) to Tune: one Tune iteration per validation."""
+
+    def __init__(self, trainer: MetaTrainer):
+        self.trainer = trainer
+        self.start_step = trainer.step  # > 0 when this trial was restored from a checkpoint
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        from ray import tune
+
+        if not any(k.startswith("meta_val/") for k in metrics):
+            return
+        ckpt = self.trainer.last_checkpoint
+        report = {**metrics, "step": step, "resumed_from_step": self.start_step}
+        if ckpt is None or not ckpt.endswith(f"step_{step:08d}.pt"):
+            tune.report(report)
+            return
+        with tempfile.TemporaryDirectory() as d:  # Tune copies it into the sweep's storage
+            shutil.copy2(ckpt, Path(d) / Path(ckpt).name)
+            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def train_trial(params: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, parent_run_id: str | None) -> None:
+    """The Tune function trainable: one meta-training run, resumed from Tune's checkpoint after a failure."""
+    from ray import tune
+
+    sweep = Path(sweep_dir)
+    ctx = tune.get_context()
+    run_dir = sweep / "trials" / ctx.get_trial_id()
+    cfg = trial_run_config(spec, params, sweep)
+    restored = tune.get_checkpoint()
+    resume = False
+    if restored is not None:
+        with restored.as_directory() as d:
+            for f in Path(d).glob("step_*.pt"):
+                dest = run_dir / "checkpoints" / f.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if not dest.exists():
+                    shutil.copy2(f, dest)
+        resume = latest_checkpoint(run_dir) is not None
+    run_training(cfg, run_dir, resume=resume, parent_run_id=parent_run_id,
+                 trainer_hook=lambda trainer: [_Reporter(trainer)], out=sys.stdout)
+
+
+# ---------------------------------------------------------------------------- the driver
+
+
+def _connect(spec: SweepSpec, bundle_cpus: float) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    s = spec.base.scaling
+    if s.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=s.address or None)
+    else:  # a local Ray big enough for at least one trial, however few cores this machine has
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(bundle_cpus)), include_dashboard=False)
+
+
+def _bundles(spec: SweepSpec) -> list[dict[str, float]]:
+    s = spec.base.scaling
+    head = {"CPU": spec.trial_cpus}
+    if s.num_workers == 0:  # the trial trains in its own process
+        return [{"CPU": max(spec.trial_cpus, 1.0), **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}]
+    worker = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.gpus_per_worker else {})}
+    return [head] + [worker] * s.num_workers
+
+
+def _parent_run(spec: SweepSpec, sweep_dir: Path, resume: bool) -> tuple[Any, str | None]:
+    """The sweep's MLflow parent run (created once, before any trial: no sqlite migration race)."""
+    cfg = spec.base
+    if not cfg.tracking.mlflow:
+        return None, None
+    try:
+        client, exp_id = ensure_experiment(cfg, sweep_dir)
+        id_file = sweep_dir / RUN_ID_FILE
+        if resume and id_file.is_file():
+            run_id = id_file.read_text().strip()
+            client.update_run(run_id, status="RUNNING")
+            return client, run_id
+        tags = {"sweep": spec.name, "sweep.source": spec.source, "git.commit": git_commit(), **version_tags()}
+        run = client.create_run(exp_id, run_name=sweep_dir.name, tags=tags)
+        atomic_write_text(id_file, run.info.run_id)
+        from mlflow.entities import Param
+
+        params = [Param(f"space.{k}", f"{d.kind}{list(d.values)}") for k, d in spec.space.items()]
+        params += [Param(k, str(v)) for k, v in (("metric", spec.metric), ("mode", spec.mode),
+                                                   ("search", spec.search), ("num_samples", spec.num_samples),
+                                                   ("scheduler", spec.scheduler))]
+        client.log_batch(run.info.run_id, params=params)
+        return client, run.info.run_id
+    except Exception as e:  # tracking never stops a sweep
+        print(f"warning: MLflow tracking at {tracking_uri(cfg, sweep_dir)} is unavailable "
+              f"({e.__class__.__name__}: {e}); the sweep continues without it", file=sys.stderr)
+        return None, None
+
+
+def run_sweep(spec: SweepSpec, sweep_dir: Path, *, resume: bool = False, out=sys.stdout) -> SweepResult:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sweep_dir = sweep_dir.absolute()
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    bundles = _bundles(spec)
+    _connect(spec, sum(b["CPU"] for b in bundles))
+    client, parent_id = _parent_run(spec, sweep_dir, resume)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, spec=spec, sweep_dir=str(sweep_dir), parent_run_id=parent_id),
+        tune.PlacementGroupFactory(bundles))
+    tune_dir = sweep_dir / "tune"
+    if resume and tune.Tuner.can_restore(str(tune_dir)):
+        print(f"resuming sweep from {tune_dir}", file=out, flush=True)
+        tuner = tune.Tuner.restore(str(tune_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        if spec.scheduler == "asha":
+            scheduler: Any = ASHAScheduler(time_attr="training_iteration", max_t=spec.rounds,
+                                           grace_period=min(spec.grace_period, spec.rounds),
+                                           reduction_factor=spec.reduction_factor)
+        else:
+            scheduler = FIFOScheduler()
+        search_alg = None
+        if spec.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(seed=spec.base.seed)
+        tuner = tune.Tuner(
+            trainable, param_space=to_tune_space(spec),
+            tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                                        search_alg=search_alg, scheduler=scheduler,
+                                        max_concurrent_trials=spec.max_concurrent_trials or None),
+            run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=spec.max_failures),
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
+    grid = tuner.fit()
+    result = summarize(spec, grid, sweep_dir)
+    _finish_parent(client, parent_id, spec, result)
+    for line in table_lines(spec, result):
+        print(line, file=out)
+    print(f"best config: {result.best_config_path}\nbest checkpoint: {result.best_checkpoint}", file=out, flush=True)
+    return result
+
+
+# ---------------------------------------------------------------------------- results
+
+
+def summarize(spec: SweepSpec, grid: Any, sweep_dir: Path) -> SweepResult:
+    sign = 1.0 if spec.mode == "max" else -1.0
+    rows: list[TrialRow] = []
+    for r in grid:
+        df = r.metrics_dataframe
+        history = [] if df is None or spec.metric not in df else [float(v) for v in df[spec.metric].dropna()]
+        best = max(history, key=lambda v: sign * v) if history else None
+        trial_id = str((r.metrics or {}).get("trial_id") or Path(r.path).name)
+        status = "ERROR" if r.error else ("STOPPED" if r.metrics and r.metrics.get("step", 0) < spec.base.optim.steps
+                                          else "DONE")
+        rows.append(TrialRow(trial_id=trial_id, params={k: r.config.get(k) for k in spec.space}, best=best,
+                             steps=int((r.metrics or {}).get("step", 0)), status=status,
+                             run_dir=str(sweep_dir / "trials" / trial_id),
+                             resumed_from_step=int((r.metrics or {}).get("resumed_from_step", 0))))
+    scored = [row for row in rows if row.best is not None and math.isfinite(row.best)]
+    if not scored:
+        errors = [f"{r.trial_id}: {r.status}" for r in rows]
+        raise RuntimeError(f"sweep {spec.name}: no trial reported {spec.metric} ({errors}); see the trial logs "
+                           f"under {sweep_dir / 'tune'}")
+    best_row = max(scored, key=lambda row: sign * row.best)  # type: ignore[operator]
+    best_cfg = trial_config(spec, best_row.params)
+    text = (f"# best of sweep {spec.name} ({spec.metric} {spec.mode} = {best_row.best:.4f}, trial "
+            f"{best_row.trial_id}); train it with: mtl-ray train {BEST_CONFIG}\n"
+            + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+    best_path = atomic_write_text(sweep_dir / BEST_CONFIG, text)
+    best_ckpt = latest_checkpoint(best_row.run_dir)
+    result = SweepResult(rows=rows, best_config_path=best_path, best_checkpoint=best_ckpt,
+                         best_trial=best_row.trial_id, best_metric=float(best_row.best), sweep_dir=sweep_dir)
+    atomic_write_text(sweep_dir / TRIALS_CSV, trials_csv(spec, rows))
+    return result
+
+
+def trials_csv(spec: SweepSpec, rows: Sequence[TrialRow]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["trial_id", *spec.space, f"best {spec.metric}", "steps", "status"])
+    for r in rows:
+        w.writerow([r.trial_id, *(r.params[k] for k in spec.space), "" if r.best is None else f"{r.best:.6g}",
+                    r.steps, r.status])
+    return buf.getvalue()
+
+
+def table_lines(spec: SweepSpec, result: SweepResult) -> list[str]:
+    keys = list(spec.space)
+    head = ["trial", *keys, f"best {spec.metric}", "steps", "status"]
+    body = [[r.trial_id, *(_fmt(r.params[k]) for k in keys), "-" if r.best is None else f"{r.best:.4f}",
+             str(r.steps), r.status] for r in result.rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return [line(head), *(line(b) for b in body)]
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _finish_parent(client: Any, parent_id: str | None, spec: SweepSpec, result: SweepResult) -> None:
+    if client is None or parent_id is None:
+        return
+    try:
+        from mlflow.entities import Metric
+
+        client.log_artifact(parent_id, str(result.best_config_path))
+        client.log_artifact(parent_id, str(result.sweep_dir / TRIALS_CSV))
+        client.log_batch(parent_id, metrics=[Metric(f"best_{spec.metric}", result.best_metric, 0, 0)])
+        client.set_tag(parent_id, "best_trial", result.best_trial)
+        client.set_tag(parent_id, "best_checkpoint", str(result.best_checkpoint))
+        # Trials stopped early by ASHA leave their child runs RUNNING: close them as KILLED.
+        for row in result.rows:
+            id_file = Path(row.run_dir) / RUN_ID_FILE
+            if id_file.is_file():
+                run_id = id_file.read_text().strip()
+                if client.get_run(run_id).info.status == "RUNNING":
+                    client.set_tag(run_id, "stopped_by", spec.scheduler)
+                    client.set_terminated(run_id, status="KILLED")
+        client.set_terminated(parent_id, status="FINISHED")
+    except Exception as e:
+        print(f"warning: could not finish the sweep's MLflow run ({e.__class__.__name__}: {e})", file=sys.stderr)

@@ -1,0 +1,113 @@
+"""Sweeps end to end on the session's Ray: trials with 2 worker actors each in their own placement
+group, ASHA, a real MLflow server (parent + child runs), the best config trains, a killed trial
+resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from mtl_ray import metrics as M
+from mtl_ray.config import load_config
+from mtl_ray.tracking.local import read_metrics
+from mtl_ray.tracking.run import run_training
+from mtl_ray.tune.spec import load_sweep
+from mtl_ray.tune.sweep import BEST_CONFIG, TRIALS_CSV, run_sweep
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+
+
+def _sweep(tmp_path, uri: str, **body) -> Path:
+    spec = {"base": str(CONFIGS / "sinusoid_maml.yaml"),
+            "overrides": ["optim.steps=60", "optim.val_every=20", "optim.val_tasks=16", "optim.meta_batch_size=8",
+                          "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
+                          "tracking.log_every=20", f"tracking.uri={uri}", "tracking.experiment=sweeps"],
+            "metric": "meta_val/loss", "mode": "min", "search": "random", "num_samples": 4, "trial_cpus": 0.5,
+            "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+            "space": {"algorithm.inner_lr": {"loguniform": [0.001, 0.05]},
+                      "optim.outer_lr": {"loguniform": [1.0e-4, 1.0e-2]}}}
+    spec.update(body)
+    p = tmp_path / "sweep.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def test_sweep_with_asha_logs_parent_and_children_and_best_config_trains(ray_cluster, mlflow_server, tmp_path):
+    spec = load_sweep(_sweep(tmp_path, mlflow_server))
+    out = io.StringIO()
+    result = run_sweep(spec, tmp_path / "sweep", out=out)
+    assert len(result.rows) == 4 and all(r.status in ("DONE", "STOPPED") for r in result.rows), out.getvalue()
+    assert max(r.steps for r in result.rows) == 60
+    scored = [r.best for r in result.rows if r.best is not None]
+    assert result.best_metric == min(scored)
+    assert (tmp_path / "sweep" / TRIALS_CSV).read_text().count("\n") == 5
+    assert "best config:" in out.getvalue()
+
+    client = MlflowClient(mlflow_server)
+    parent_id = (tmp_path / "sweep" / "mlflow_run_id").read_text().strip()
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.data.tags["best_trial"] == result.best_trial
+    assert {a.path for a in client.list_artifacts(parent_id)} >= {BEST_CONFIG, TRIALS_CSV}
+    exp = client.get_experiment_by_name("sweeps")
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == 4
+    for child in children:
+        assert child.info.status in ("FINISHED", "KILLED")
+        assert float(child.data.params["algorithm.inner_lr"]) > 0
+        assert child.data.params["scaling.num_workers"] == "2"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, M.META_VAL_LOSS)]
+        assert steps and steps == sorted(steps) and steps[0] == 20
+
+    best = load_config(result.best_config_path, ["optim.steps=5", "scaling.num_workers=0", "tracking.mlflow=false"])
+    best_row = next(r for r in result.rows if r.trial_id == result.best_trial)
+    assert best.algorithm.inner_lr == pytest.approx(best_row.params["algorithm.inner_lr"])
+    summary = run_training(best, tmp_path / "best", out=io.StringIO())
+    assert summary.steps == 5
+    assert result.best_checkpoint and Path(result.best_checkpoint).is_file()
+
+
+def _trial_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", "ray::ImplicitFunc"], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_killed_trial_resumes_from_its_checkpoint(ray_cluster, tmp_path):
+    spec = load_sweep(_sweep(tmp_path, "", num_samples=1, scheduler="fifo", max_failures=2,
+                             overrides=["optim.steps=80", "optim.val_every=20", "optim.meta_batch_size=8",
+                                        "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+                                        "scaling.torch_threads=1", "tracking.mlflow=false"],
+                             space={"algorithm.inner_lr": {"choice": [0.01]}}))
+    sweep_dir = tmp_path / "sweep"
+    killed: list[int] = []
+
+    def killer() -> None:  # SIGKILL the trial process once it has checkpointed step 40
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not killed:
+            for ck in sweep_dir.glob("trials/*/checkpoints/step_00000040.pt"):
+                rows = read_metrics(ck.parents[1])
+                if rows and rows[-1]["step"] < 80:
+                    for pid in _trial_pids():
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    result = run_sweep(spec, sweep_dir, out=io.StringIO())
+    t.join(timeout=5)
+    assert killed, "the trial finished before it could be killed"
+    (row,) = result.rows
+    assert row.status == "DONE" and row.steps == 80
+    assert row.resumed_from_step in (20, 40)  # restarted from a checkpoint, not from scratch
+    steps = [r["step"] for r in read_metrics(row.run_dir)]
+    assert steps == list(range(1, 81))  # resumed from step 40's checkpoint, nothing counted twice
