@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from mtl_ray.config import Config, ConfigError, UserError, from_dict, load_config
 
 EXIT_CONFIG = 2
@@ -165,6 +167,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _is_sweep(path: str) -> bool:
+    """A sweep file has a top-level ``space`` (training configs never do)."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "space" in raw
+
+
 def _split_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
     """argparse puts a leading key=value into ``config``; move it back."""
     items = list(items)
@@ -208,7 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             bad = 0
             for path in args.configs:
                 try:
-                    validate(path, [])
+                    if _is_sweep(path):
+                        from mtl_ray.data import check_data
+                        from mtl_ray.tune.spec import load_sweep
+
+                        problems = check_data(load_sweep(path).base)
+                        if problems:
+                            raise ConfigError(problems)
+                    else:
+                        validate(path, [])
                     print(f"ok: {path}")
                 except ConfigError as e:
                     bad += 1

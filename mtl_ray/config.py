@@ -111,7 +111,7 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     torch_threads: int = 0  # 0: torch's default
-    address: str = ""  # Ray cluster to join; "": $RAY_ADDRESS / the job's cluster, else start a local Ray
+    address: str = ""  # Ray to join ("auto": the one `ray start` runs here); "": $RAY_ADDRESS, else a new local Ray
     max_restarts: int = 3  # restarts Ray grants each worker actor (a lost worker is replaced after that)
     step_timeout_s: float = 600.0  # a step whose shards are not all back by then fails with an error
 

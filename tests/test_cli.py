@@ -21,7 +21,8 @@ CONFIGS = REPO / "jobs" / "configs"
 
 
 def cli(*args: str, env_root: Path | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # not the test session's Ray
+    env["PYTHONUNBUFFERED"] = "1"
     if env_root is not None:
         env["MTL_RAY_DATA_DIR"] = str(env_root)
     proc = subprocess.run([sys.executable, "-m", "mtl_ray.cli", *args], capture_output=True, text=True, env=env,
@@ -168,3 +169,16 @@ def test_data_convert_then_train_on_parquet(tmp_path):
               "tracking.progress=false", "--run-dir", str(tmp_path / "run"))
     assert "steps: 3" in out.stdout
     assert "source: parquet" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_tune_with_a_bad_sweep_exits_2_before_anything_starts(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text(f"base: {CONFIGS / 'sinusoid_maml.yaml'}\nsearch: optuna\n"
+                     "space:\n  algorithm.inner_lr: {loguniform: [-1, 1]}\n  optim.steps: {grid: [10, 20]}\n")
+    proc = cli("tune", str(sweep), "--sweep-dir", str(tmp_path / "sw"), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "sweep.space.algorithm.inner_lr.loguniform: got low=-1, expected > 0" in proc.stderr
+    assert "'grid' domains need search: grid or random" in proc.stderr
+    assert not (tmp_path / "sw").exists() and "Ray" not in proc.stderr
+    ok = cli("validate", str(CONFIGS / "sweep_sinusoid_maml.yaml"))
+    assert ok.stdout.startswith("ok: ")

@@ -37,12 +37,17 @@ def _free_ports(n: int) -> list[int]:
 @pytest.fixture(scope="module")
 def ray_head():
     """A head node in its own process group, token auth explicitly off (loopback), killed by PID after."""
-    port, dash, client = _free_ports(3)
+    port, dash, client, agent, agent_grpc, metrics, env_agent = _free_ports(7)
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # RAY_ADDRESS may point at the test session's other Ray instance: the head and jobs must not see it.
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, "RAY_AUTH_MODE": "disabled"}
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--dashboard-host", "127.0.0.1",
          "--dashboard-port", str(dash), "--ray-client-server-port", str(client), "--num-cpus", "2",
+         # Agent ports too: the session's other Ray instance holds the defaults (e.g. 52365), and a head
+         # whose job agent cannot bind answers every submission with "No available agent".
+         "--dashboard-agent-listen-port", str(agent), "--dashboard-agent-grpc-port", str(agent_grpc),
+         "--metrics-export-port", str(metrics), "--runtime-env-agent-port", str(env_agent),
          "--temp-dir", temp], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"http://127.0.0.1:{dash}"
     deadline = time.monotonic() + 120
@@ -69,7 +74,13 @@ def _submit(head: dict, job_id: str, *args: str) -> subprocess.CompletedProcess:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--submission-id", job_id,
            "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
            sys.executable, "jobs/meta_train.py", *args]
-    return subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=300)
+    deadline = time.monotonic() + 90
+    while True:
+        out = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=300)
+        # The dashboard answers before the head's job agent is up; Ray says to try again later.
+        if "No available agent to submit job" not in out.stderr or time.monotonic() > deadline:
+            return out
+        time.sleep(2)
 
 
 def _status(head: dict, job_id: str) -> str:
@@ -95,7 +106,7 @@ def test_job_with_bad_config_fails_with_the_error_in_its_logs(ray_head, tmp_path
     out = _submit(ray_head, "mtl-bad", "--config", "jobs/configs/sinusoid_maml.yaml", "optim.outer_lr=-1",
                   "scaling.num_workers=2", "--run-dir", str(tmp_path / "run"))
     assert out.returncode != 0
-    assert _status(ray_head, "mtl-bad") == "FAILED"
+    assert _status(ray_head, "mtl-bad") == "FAILED", out.stdout[-3000:] + out.stderr[-3000:]
     from ray.job_submission import JobSubmissionClient
 
     logs = JobSubmissionClient(ray_head["address"]).get_job_logs("mtl-bad")

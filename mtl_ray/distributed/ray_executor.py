@@ -81,7 +81,8 @@ def connect(cfg: Config) -> bool:
         ray.init(address=s.address or None, log_to_driver=True)
     else:
         cpus = max(os.cpu_count() or 1, math.ceil(s.num_workers * s.cpus_per_worker))
-        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+        # "local": a new instance even if `ray start` left a cluster on this machine (use address=auto for that)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
     return True
 
 

@@ -124,7 +124,7 @@ def _connect(spec: SweepSpec, bundle_cpus: float) -> None:
     if s.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=s.address or None)
     else:  # a local Ray big enough for at least one trial, however few cores this machine has
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(bundle_cpus)), include_dashboard=False)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(bundle_cpus)), include_dashboard=False)
 
 
 def _bundles(spec: SweepSpec) -> list[dict[str, float]]:

@@ -129,7 +129,8 @@ def test_parquet_task_source_samples(tmp_path: Path) -> None:
     cfg = from_dict({"data": {"source": "parquet", "path": str(out), "ways": 3, "shots": 1, "queries": 3,
                               "image_size": 16}, "model": {"name": "conv4", "blocks": 2},
                      "optim": {"val_every": 0}})
-    assert check_data(cfg) == ["split 'test': got 0 classes, expected >= data.ways=3 (classes in the 'test' "
+    assert check_data(cfg) == []  # training samples train only (validation off); eval checks test:
+    assert check_data(cfg, ["test"]) == ["split 'test': got 0 classes, expected >= data.ways=3 (classes in the 'test' "
                                "split of t.parquet (3 classes, data.test_fraction=0.0)); lower data.ways or "
                                "raise data.test_fraction (or add classes to the table)"]
     src = build_task_source(cfg)
