@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from mtl_ray.tracking.local import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 TRIALS = 200  # Lake's runs 01-10 x 20 query images
 
@@ -82,10 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {alg:10s} error {r['error_pct']:5.1f}% ± {r['ci95_pct']:.1f}%  steps {r['steps']:6d}  "
               f"train {r['train_s'] / 60:.1f} min")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, indent=2))
-        tmp.replace(args.out)
+        atomic_write_text(args.out, json.dumps(results, indent=2))
         print(f"wrote {args.out}")
     return 0
 

@@ -29,6 +29,7 @@ import ray
 from mtl_ray import metrics as M
 from mtl_ray.config import load_config
 from mtl_ray.distributed.driver import MetaTrainer
+from mtl_ray.tracking.local import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("in-process, 2 threads", 0, 2, 2), ("1 worker x 2 threads", 1, 2, 2), ("2 workers x 1 thread", 2, 1, 1)]
@@ -125,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:24s} {r['tasks_per_s'] / base:5.2f}x  overhead {100 * r['overhead_median']:.1f}%  "
               f"weights {r['weights_bytes'] / 1e3:.0f} kB, {r['bytes_per_step'] / 1e3:.0f} kB moved per step")
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=2))
-        tmp.replace(args.out)
+        atomic_write_text(args.out, json.dumps(res, indent=2))
         print(f"wrote {args.out}")
     return 0
 

@@ -294,18 +294,23 @@ def from_dict(raw: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> C
     return cfg
 
 
+def read_yaml(path: str | Path, what: str, example: str) -> Any:
+    """A YAML file's content ({} when empty); a missing or unparsable file is a :class:`ConfigError`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"{what} {str(p)!r} does not exist; pass a YAML file such as {example}"])
+    try:
+        return yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError([f"{what} {str(p)!r} is not valid YAML: {e}"]) from None
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
     raw: Any = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError([f"config file {str(p)!r} does not exist; pass a YAML file such as "
-                               "jobs/configs/omniglot_maml.yaml"])
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError([f"config file {str(p)!r} is not valid YAML: {e}"]) from None
+        raw = read_yaml(p, "config file", "jobs/configs/omniglot_maml.yaml")
         if isinstance(raw, Mapping) and "name" not in raw:
             raw = {"name": p.stem, **raw}
     return from_dict(raw, overrides)

@@ -29,10 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mtl_ray import metrics as M
-from mtl_ray.config import Config, ConfigError, load_config
+from mtl_ray.config import Config, ConfigError, load_config, read_yaml
 
 DOMAINS = ("loguniform", "uniform", "randint", "choice", "grid")
 SEARCHES = ("random", "grid", "optuna")
@@ -77,13 +75,7 @@ _TOP = {"base", "overrides", "metric", "mode", "search", "num_samples", "max_con
 def load_sweep(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> SweepSpec:
     """Read and validate a sweep file; ``overrides`` (key=value) apply to the base config."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError([f"sweep file {str(p)!r} does not exist; pass a YAML file such as "
-                           "jobs/configs/sweep_omniglot_maml.yaml"])
-    try:
-        raw = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError([f"sweep file {str(p)!r} is not valid YAML: {e}"]) from None
+    raw = read_yaml(p, "sweep file", "jobs/configs/sweep_omniglot_maml.yaml")
     if not isinstance(raw, Mapping):
         raise ConfigError([f"sweep file {str(p)!r}: got a {type(raw).__name__}, expected a mapping"])
     problems = [f"sweep.{k}: unknown key; expected one of {sorted(_TOP)}" for k in raw if k not in _TOP]

@@ -8,6 +8,7 @@ import io
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -43,7 +44,7 @@ def _sweep(tmp_path, uri: str, **body) -> Path:
 
 
 def test_sweep_with_asha_logs_parent_and_children_and_best_config_trains(ray_cluster, mlflow_server, tmp_path):
-    spec = load_sweep(_sweep(tmp_path, mlflow_server))
+    spec = load_sweep(_sweep(tmp_path, mlflow_server, search="optuna", max_concurrent_trials=2))
     out = io.StringIO()
     result = run_sweep(spec, tmp_path / "sweep", out=out)
     assert len(result.rows) == 4 and all(r.status in ("DONE", "STOPPED") for r in result.rows), out.getvalue()
@@ -111,3 +112,30 @@ def test_killed_trial_resumes_from_its_checkpoint(ray_cluster, tmp_path):
     assert row.resumed_from_step in (20, 40)  # restarted from a checkpoint, not from scratch
     steps = [r["step"] for r in read_metrics(row.run_dir)]
     assert steps == list(range(1, 81))  # resumed from step 40's checkpoint, nothing counted twice
+
+
+def test_interrupted_sweep_resumes(tmp_path):
+    """``mtl-ray tune`` killed after its first trial finished; ``--resume`` completes the rest (own local Ray)."""
+    sweep = _sweep(tmp_path, "", num_samples=3, scheduler="fifo", max_concurrent_trials=1,
+                   overrides=["optim.steps=40", "optim.val_every=20", "optim.meta_batch_size=8",
+                              "scaling.num_workers=2", "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
+                              "tracking.mlflow=false"])
+    sweep_dir = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    cmd = [sys.executable, "-m", "mtl_ray.cli", "tune", str(sweep), "--sweep-dir", str(sweep_dir)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(len(read_metrics(d)) == 40 for d in sweep_dir.glob("trials/*")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended or stalled before 1 trial"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver, its local Ray and the trials
+        proc.wait()
+    assert not (sweep_dir / TRIALS_CSV).exists()  # it really was interrupted
+    out = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resuming sweep from" in out.stdout
+    rows = (sweep_dir / TRIALS_CSV).read_text().splitlines()[1:]
+    assert len(rows) == 3 and all(r.endswith(",40,DONE") for r in rows), rows
