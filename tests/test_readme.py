@@ -1,0 +1,535 @@
+"""Every command and code block in README.md is checked here (or run by CI), so the README cannot drift.
+
+Each ```bash command is parsed by the tool that would run it: ``mtl-ray`` by the real CLI parser,
+``python jobs/*.py`` by the job script's own argparse parser (rebuilt from its source, not run), ``ray``
+and ``mlflow`` by their click command trees, ``make`` against the Makefile's targets. Config paths must
+exist in the repository and every ``key=value`` must be a valid override of that config (static checks,
+then the data checks on the shared data). ```python blocks must compile, their ``mtl_ray`` imports
+resolve and the methods they call exist with those arguments. The cheap commands also run end to end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mtl_ray import cli
+from mtl_ray.config import Config, ConfigError, from_dict, load_config
+from mtl_ray.data import check_data
+from mtl_ray.data.lake import LAKE_ZIP
+from mtl_ray.tune.spec import load_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+SEPARATORS = {"&&", "||", ";", "&", "|"}
+MTL_RAY = ".venv/bin/mtl-ray"
+MLFLOW = ".venv/bin/mlflow"
+VENV_PROGRAMS = {"mlflow": MLFLOW}  # the prose writes `mlflow ...` for the venv's mlflow
+PROGRAMS = ("make", MTL_RAY, MLFLOW, "ray", "docker")
+
+
+# --------------------------------------------------------------------------- reading the README
+
+
+def fenced_blocks(text: str, lang: str) -> list[str]:
+    return [m.group(2) for m in re.finditer(r"^```(\w*)[^\n]*\n(.*?)^```", text, re.M | re.S) if m.group(1) == lang]
+
+
+def split_commands(line: str) -> list[list[str]]:
+    """One shell line -> its commands (``#`` comments dropped, split at ``&&``, ``;``, ``&``, ``|``)."""
+    out: list[list[str]] = [[]]
+    for tok in shlex.split(line, comments=True):
+        if tok in SEPARATORS:
+            out.append([])
+        else:
+            out[-1].append(tok)
+    return [c for c in out if c]
+
+
+def bash_commands(text: str) -> list[list[str]]:
+    cmds = []
+    for block in fenced_blocks(text, "bash"):
+        for line in re.sub(r"\\\n", " ", block).splitlines():
+            cmds += split_commands(line)
+    return cmds
+
+
+def inline_commands(text: str, programs: tuple[str, ...]) -> list[list[str]]:
+    """Commands quoted inline in the prose (`` `mlflow models serve ...` ``), ``<placeholders>`` filled in."""
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)
+    spans = [re.sub(r"<[^>]*>", "X", s) for s in re.findall(r"`([^`\n]+)`", prose)]
+    cmds = [c for s in spans if s.split()[0] in programs for c in split_commands(s) if len(c) > 1]
+    return [[VENV_PROGRAMS.get(c[0], c[0]), *c[1:]] for c in cmds
+            if c[1:3] != ["job", "submit"] or "--" in c]  # `ray job submit` alone names the command only
+
+
+COMMANDS = bash_commands(README)
+PYTHON_BLOCKS = fenced_blocks(README, "python")
+
+
+def _id(cmd: list[str]) -> str:
+    return " ".join(cmd)[:90]
+
+
+def commands(*prefix: str, extra: list[list[str]] = ()) -> list[Any]:
+    unique = {tuple(c): c for c in [*COMMANDS, *extra] if c[: len(prefix)] == list(prefix)}
+    return [pytest.param(c, id=_id(c)) for c in unique.values()]
+
+
+def test_readme_commands_were_found_and_every_one_is_checked_here():
+    assert PYTHON_BLOCKS, "no ```python blocks found in README.md"
+    unchecked = [_id(c) for c in COMMANDS if c[0] not in PROGRAMS]
+    assert not unchecked, f"README commands no test here checks (add a check to tests/test_readme.py): {unchecked}"
+    for prefix in (["make", "train"], ["make", "test"], [MTL_RAY, "train"], [MTL_RAY, "eval"], [MTL_RAY, "tune"],
+                   ["ray", "job", "submit"]):
+        assert commands(*prefix), f"no `{' '.join(prefix)}` command parsed from README.md"
+
+
+def test_readme_parser_sees_continuations_and_comments():
+    text = "```bash\nmtl-ray train a.yaml \\\n    x=1   # comment\nmake a && make b &\n```\n"
+    assert bash_commands(text) == [["mtl-ray", "train", "a.yaml", "x=1"], ["make", "a"], ["make", "b"]]
+
+
+def test_every_program_the_readme_runs_from_the_venv_is_installed():
+    for prog in sorted({c[0] for c in COMMANDS if c[0].startswith(".venv/")}):
+        here = REPO / prog if (REPO / ".venv").is_dir() else Path(sys.executable).parent / Path(prog).name
+        assert here.is_file(), f"README runs {prog}, which does not exist ({here})"
+
+
+# --------------------------------------------------------------------------- make
+
+
+def makefile_targets() -> dict[str, str]:
+    """``{target: recipe}`` of the Makefile's explicit rules."""
+    targets: dict[str, str] = {}
+    current: list[str] = []
+    for line in (REPO / "Makefile").read_text().splitlines():
+        m = re.match(r"^([A-Za-z0-9_.-]+(?:[ \t]+[A-Za-z0-9_.-]+)*)[ \t]*:(?!=)", line)
+        if m:
+            current = m.group(1).split()
+            for t in current:
+                targets.setdefault(t, "")
+        elif line.startswith("\t"):
+            for t in current:
+                targets[t] += line[1:] + "\n"
+        elif line.strip() and not line.startswith("#"):
+            current = []
+    return targets
+
+
+@pytest.mark.parametrize("cmd", commands("make", extra=inline_commands(README, ("make",))))
+def test_make_command_names_a_makefile_target(cmd):
+    targets = makefile_targets()
+    goals = [a for a in cmd[1:] if "=" not in a]
+    assigns = dict(a.split("=", 1) for a in cmd[1:] if "=" in a)
+    assert goals, cmd
+    for goal in goals:
+        assert goal in targets, f"README runs `make {goal}`; the Makefile has no such target ({sorted(targets)})"
+    if "ARGS" in assigns:  # `make train ARGS="optim.steps=200"`: the recipe passes them on and they are valid
+        for goal in goals:
+            recipe = targets[goal]
+            assert "$(ARGS)" in recipe, f"make {goal} ignores ARGS:\n{recipe}"
+            m = re.search(r"mtl-ray train (\S+\.ya?ml)", recipe)
+            assert m, recipe
+            load_config(REPO / m.group(1), shlex.split(assigns["ARGS"]))
+    if "test" in goals and ".ci/run" in README:  # "CI runs exactly this (bash .ci/run)"
+        assert re.search(r"^make test\b", (REPO / ".ci" / "run").read_text(), re.M)
+
+
+# --------------------------------------------------------------------------- mtl-ray and the job scripts
+
+
+@dataclass
+class Checked:
+    """A command's configs after the static checks, with the splits its data checks cover."""
+
+    configs: list[tuple[Config, list[str] | None]] = field(default_factory=list)
+    lake: Path | None = None
+
+
+def repo_file(path: str, what: str) -> Path:
+    p = REPO / path
+    assert p.is_file(), f"README names {what} {path!r}, which does not exist in the repository"
+    return p
+
+
+def parse_or_fail(parser: argparse.ArgumentParser, argv: list[str], known: bool = False):
+    try:
+        return parser.parse_known_args(argv) if known else parser.parse_args(argv)
+    except SystemExit:  # argparse printed the problem to stderr (shown by pytest)
+        pytest.fail(f"{parser.prog} rejects the README's arguments {argv}")
+
+
+def mtl_ray_args(argv: list[str]) -> argparse.Namespace:
+    """``argv`` (after the program) parsed exactly as ``mtl_ray.cli.main`` does, without running anything."""
+    parser = cli._parser()
+    args, extra = parse_or_fail(parser, argv, known=True)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    assert not bad, f"mtl-ray {args.command}: unrecognized arguments {bad}"
+    if extra:
+        assert hasattr(args, "overrides"), f"mtl-ray {args.command} takes no key=value overrides: {extra}"
+        args.overrides = [*args.overrides, *extra]
+    if args.command == "train":
+        args.config, args.overrides = cli._split_overrides([*([args.config] if args.config else []),
+                                                            *args.overrides])
+    return args
+
+
+def run_dirs_of_readme_trainings() -> dict[str, str]:
+    """``{--run-dir: config}`` of the README's ``mtl-ray train`` commands (what ``eval RUN`` reads back)."""
+    out = {}
+    for (cmd,) in (p.values for p in commands(MTL_RAY, "train")):
+        args = mtl_ray_args(cmd[1:])
+        if args.run_dir and args.config:
+            out[args.run_dir] = args.config
+    return out
+
+
+def check_mtl_ray(argv: list[str]) -> Checked:
+    args = mtl_ray_args(argv)
+    out = Checked()
+    if args.command == "train":
+        assert args.config, "README trains without a config file"
+        out.configs.append((load_config(repo_file(args.config, "config"), args.overrides), None))
+    elif args.command == "tune":
+        spec = load_sweep(repo_file(args.sweep, "sweep file"), args.overrides)
+        out.configs.append((spec.base, None))
+    elif args.command == "eval":  # the checkpoint is the user's run; its config is the one that trained it
+        trained = run_dirs_of_readme_trainings().get(args.checkpoint.rstrip("/"))
+        base = load_config(REPO / trained) if trained else Config()
+        out.configs.append((from_dict(base.to_dict(), args.overrides), [args.split]))
+        assert args.episodes >= 1
+        if args.lake:
+            out.lake = Path(args.lake)
+            assert out.lake.name == LAKE_ZIP, f"--lake {args.lake}: the package reads Lake's runs from {LAKE_ZIP}"
+    elif args.command == "validate":
+        for path in args.configs:
+            repo_file(path, "config")
+    elif args.command == "data":
+        assert args.data_command == "convert" and args.image_size > 0, args  # src/out are the user's paths
+    else:  # a new subcommand in the README needs a check here
+        pytest.fail(f"no README check for `mtl-ray {args.command}`")
+    return out
+
+
+def job_parser(script: Path) -> argparse.ArgumentParser:
+    """The argparse parser a job script's ``main()`` builds, rebuilt from its source without running main.
+
+    The script is imported (it must import cleanly); the ``ArgumentParser(...)`` and ``add_argument`` statements
+    of its ``main`` are compiled into a function that returns the parser.
+    """
+    spec = importlib.util.spec_from_file_location(f"_readme_job_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert callable(getattr(module, "main", None)), f"{script} has no main()"
+    tree = ast.parse(script.read_text())
+    (main,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+    body, name = [], None
+    for stmt in main.body:
+        call = stmt.value if isinstance(stmt, ast.Assign | ast.Expr) else None
+        if not isinstance(call, ast.Call):
+            continue
+        callee = ast.unparse(call.func)
+        if isinstance(stmt, ast.Assign) and callee.endswith("ArgumentParser"):
+            name = stmt.targets[0].id
+            body.append(stmt)
+        elif name and callee.startswith(f"{name}.") and callee.split(".")[-1] in (
+                "add_argument", "add_argument_group", "add_mutually_exclusive_group", "set_defaults"):
+            body.append(stmt)
+    assert name, f"{script}: main() builds no argparse.ArgumentParser"
+    fn = ast.FunctionDef(name="_parser", args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[],
+                                                             defaults=[]),
+                         body=[*body, ast.Return(ast.Name(name, ast.Load()))], decorator_list=[], type_params=[])
+    code = compile(ast.fix_missing_locations(ast.Module([fn], type_ignores=[])), str(script), "exec")
+    scope = dict(vars(module))
+    exec(code, scope)
+    return scope["_parser"]()
+
+
+def check_job(entrypoint: list[str]) -> Checked:
+    """``python jobs/X.py ...``: the script's own parser accepts the arguments; its config/sweep is valid."""
+    assert entrypoint[0] == "python" and len(entrypoint) > 1, f"no README check for job entrypoint {entrypoint}"
+    script = repo_file(entrypoint[1], "job script")
+    parser = job_parser(script)
+    parser.prog = entrypoint[1]
+    args = parse_or_fail(parser, entrypoint[2:])
+    overrides = getattr(args, "overrides", [])
+    if getattr(args, "config", None):
+        return Checked([(load_config(repo_file(args.config, "config"), overrides), None)])
+    if getattr(args, "sweep", None):
+        return Checked([(load_sweep(repo_file(args.sweep, "sweep file"), overrides).base, None)])
+    pytest.fail(f"{entrypoint[1]}: got no --config or --sweep to check")
+
+
+# ray and mlflow: parsed by their own click command trees
+
+
+def click_parse(group, argv: list[str], prog: str) -> dict[str, Any]:
+    """Parse ``argv`` down a click command tree (options checked, nothing invoked); the leaf's params."""
+    import click
+
+    try:
+        ctx = group.make_context(prog, list(argv))
+        cmd = group
+        while isinstance(cmd, click.Group):
+            state = vars(ctx)
+            rest = [*state.get("_protected_args", state.get("protected_args", [])), *ctx.args]
+            sub, cmd, rest = cmd.resolve_command(ctx, rest)
+            ctx = cmd.make_context(sub, rest, parent=ctx)
+    except click.ClickException as e:
+        pytest.fail(f"`{prog} {' '.join(argv)}` from the README: {e.format_message()}")
+    return ctx.params
+
+
+def check_ray(argv: list[str]) -> Checked:
+    from ray.scripts.scripts import cli as ray_cli
+
+    params = click_parse(ray_cli, argv, "ray")
+    if argv[:2] == ["job", "submit"]:
+        if params.get("working_dir"):
+            assert (REPO / params["working_dir"]).is_dir(), params["working_dir"]
+        return check_job(list(params["entrypoint"]))
+    if "cluster_config_file" in params:  # ray up / dashboard / down ...
+        repo_file(params["cluster_config_file"], "cluster config")
+    return Checked()
+
+
+def check_command(cmd: list[str]) -> Checked:
+    if cmd[0] == MTL_RAY:
+        return check_mtl_ray(cmd[1:])
+    if cmd[0] == "ray":
+        return check_ray(cmd[1:])
+    pytest.fail(f"no README check for {cmd}")
+
+
+CONFIG_COMMANDS = [*commands(MTL_RAY), *commands("ray", extra=inline_commands(README, ("ray",)))]
+
+
+@pytest.mark.parametrize("cmd", CONFIG_COMMANDS)
+def test_command_parses_and_its_files_and_overrides_are_valid(cmd):
+    """Files it names exist, flags exist, every key=value is a known config key with a valid value."""
+    try:
+        check_command(cmd)
+    except ConfigError as e:
+        pytest.fail(f"README command `{_id(cmd)}`: {e}")
+
+
+@pytest.mark.parametrize("cmd", [*commands(MTL_RAY), *commands("ray", "job", "submit")])
+def test_command_passes_the_data_checks_on_the_shared_data(cmd, omniglot_root, shared_data):
+    """What ``mtl-ray`` checks before starting (e.g. ``data.ways`` vs a split's classes) holds on real data."""
+    checked = check_command(cmd)
+    for cfg, splits in checked.configs:
+        if cfg.data.source == "parquet":  # data.path is the user's file (made by `mtl-ray data convert`)
+            continue
+        cfg = cfg.replace(**{"data.root": str(omniglot_root), "data.download": False})
+        assert check_data(cfg, splits) == [], f"README command `{_id(cmd)}` fails the data checks"
+    if checked.lake is not None and not checked.lake.is_absolute():  # ../shared/data/... next to the repo
+        assert (REPO / checked.lake).resolve() == (shared_data / "omniglot" / LAKE_ZIP).resolve(), checked.lake
+        assert (REPO / checked.lake).is_file(), checked.lake
+
+
+def test_the_checks_fail_on_a_stale_readme():
+    """A renamed config, an unknown key, a removed flag and a bad job argument are all caught."""
+    bad = [
+        [MTL_RAY, "train", "jobs/configs/sinusoid_renamed.yaml"],
+        [MTL_RAY, "train", "jobs/configs/sinusoid_maml.yaml", "optim.stepz=5"],
+        [MTL_RAY, "train", "jobs/configs/sinusoid_maml.yaml", "--run-directory", "runs/x"],
+        [MTL_RAY, "eval", "runs/x", "data.shotz=5"],
+        [MTL_RAY, "tune", "jobs/configs/sweep_sinusoid_maml.yaml", "optim.stepz=5"],
+        ["ray", "job", "submit", "--", "python", "jobs/meta_train.py", "--cfg", "jobs/configs/omniglot_maml.yaml"],
+        ["ray", "job", "submit", "--", "python", "jobs/meta_train.py", "--config", "jobs/configs/omniglot_maml.yaml",
+         "scaling.workers=4"],
+        ["ray", "job", "submit", "--", "python", "jobs/tune.py", "--sweep", "jobs/configs/sweep_missing.yaml"],
+        ["ray", "job", "submit", "--adress", "x", "--", "python", "jobs/meta_train.py"],
+        ["ray", "up", "cluster_missing.yaml"],
+    ]
+    for cmd in bad:
+        with pytest.raises((pytest.fail.Exception, ConfigError, AssertionError)):
+            check_command(cmd)
+    with pytest.raises(AssertionError):
+        test_make_command_names_a_makefile_target(["make", "trian"])
+
+
+@pytest.mark.parametrize("cmd", commands("docker"))
+def test_docker_command_names_existing_files(cmd):
+    p = argparse.ArgumentParser(prog="docker build")
+    p.add_argument("-f", "--file")
+    p.add_argument("-t", "--tag", action="append", default=[])
+    p.add_argument("context")
+    if cmd[1] == "build":
+        args, _ = parse_or_fail(p, cmd[2:], known=True)
+        assert (REPO / args.context).is_dir(), args.context
+        repo_file(args.file or str(Path(args.context) / "Dockerfile"), "Dockerfile")
+    elif cmd[1] == "push":  # pushes an image the README builds
+        built = [t for c in commands("docker", "build") for t in parse_or_fail(p, c.values[0][2:], True)[0].tag]
+        assert cmd[2] in built, (cmd, built)
+    else:
+        pytest.fail(f"no README check for {cmd}")
+
+
+@pytest.mark.parametrize("cmd", commands(MLFLOW, extra=inline_commands(README, ("mlflow",))))
+def test_mlflow_command_parses(cmd):
+    from mlflow.cli import cli as mlflow_cli
+
+    click_parse(mlflow_cli, cmd[1:], "mlflow")
+
+
+# --------------------------------------------------------------------------- python blocks
+
+
+def _resolve(obj: Any, parts: list[str]) -> Any:
+    for part in parts:
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            if not inspect.ismodule(obj):
+                raise
+            obj = importlib.import_module(f"{obj.__name__}.{part}")
+    return obj
+
+
+def _check_call(call: ast.Call, owner: Any, instance: bool, path: str) -> Any:
+    """``owner.attr(...)`` exists and accepts the call's arguments; the callee."""
+    *chain, attr = path.split(".")[1:]
+    holder = _resolve(owner, chain)
+    assert hasattr(holder, attr), f"README calls {path}(...): {holder!r} has no attribute {attr!r}"
+    fn = getattr(holder, attr)
+    if not callable(fn):
+        return fn
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return fn
+    self_arg = [None] if instance and not chain and inspect.isfunction(inspect.getattr_static(holder, attr)) else []
+    args = [*self_arg, *(None for a in call.args if not isinstance(a, ast.Starred))]
+    kwargs = {k.arg: None for k in call.keywords if k.arg}
+    try:
+        sig.bind_partial(*args, **kwargs)
+    except TypeError as e:
+        pytest.fail(f"README calls {path}({ast.unparse(call)[len(ast.unparse(call.func)) + 1:]}: {e}")
+    return fn
+
+
+def _return_type(fn: Any) -> type | None:
+    try:
+        rt = typing.get_type_hints(fn).get("return")
+    except Exception:  # unresolvable annotations: the result is not followed further
+        return None
+    return rt if isinstance(rt, type) else None
+
+
+@pytest.mark.parametrize("block", [pytest.param(b, id=f"python-{i}") for i, b in enumerate(PYTHON_BLOCKS)])
+def test_python_block_compiles_imports_resolve_and_calls_match_the_api(block):
+    tree = ast.parse(compile(block, "README.md", "exec", flags=ast.PyCF_ONLY_AST))
+    names: dict[str, Any] = {}  # name -> module/class it is bound to (imports)
+    instances: dict[str, type] = {}  # variable -> the class of its value (from return annotations)
+    for stmt in tree.body:
+        if isinstance(stmt, ast.ImportFrom):
+            module = importlib.import_module(stmt.module)
+            for a in stmt.names:
+                assert hasattr(module, a.name), f"README: `from {stmt.module} import {a.name}`: no such name"
+                names[a.asname or a.name] = getattr(module, a.name)
+            continue
+        if isinstance(stmt, ast.Import):
+            for a in stmt.names:
+                names[a.asname or a.name.split(".")[0]] = importlib.import_module(a.name.split(".")[0])
+            continue
+        results = {}
+        for node in ast.walk(stmt):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                path = ast.unparse(node.func)
+                root = path.split(".")[0]
+                if root in names:
+                    results[node] = _check_call(node, names[root], False, path)
+                elif root in instances:
+                    results[node] = _check_call(node, instances[root], True, path)
+        if isinstance(stmt, ast.Assign) and isinstance(stmt.targets[0], ast.Name) and stmt.value in results:
+            rt = _return_type(results[stmt.value])
+            if rt is not None:
+                instances[stmt.targets[0].id] = rt
+    from_mtl_ray = [s for s in tree.body if isinstance(s, ast.ImportFrom) and s.module.startswith("mtl_ray")]
+    assert not from_mtl_ray or instances, "no call on the imported mtl_ray API was followed"
+
+
+def test_python_block_check_catches_a_renamed_method():
+    with pytest.raises((AssertionError, pytest.fail.Exception)):
+        test_python_block_compiles_imports_resolve_and_calls_match_the_api(
+            "from mtl_ray.api import FewShotLearner\nl = FewShotLearner.from_checkpoint('r')\nl.adapt_folders('x')\n")
+    with pytest.raises(pytest.fail.Exception):
+        test_python_block_compiles_imports_resolve_and_calls_match_the_api(
+            "from mtl_ray.api import FewShotLearner\nl = FewShotLearner.from_checkpoint('r', inverted=True)\n")
+    with pytest.raises(AssertionError):
+        test_python_block_compiles_imports_resolve_and_calls_match_the_api("from mtl_ray.api import FewShotLearnr\n")
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def run_cli(argv: list[str], data_root: Path | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the test session's Ray
+    env["PYTHONUNBUFFERED"] = "1"
+    if data_root is not None:
+        env["MTL_RAY_DATA_DIR"] = str(data_root)
+    proc = subprocess.run([sys.executable, "-m", "mtl_ray.cli", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"mtl-ray {' '.join(argv)}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def _with_option(argv: list[str], option: str, value: str) -> list[str]:
+    if option in argv:
+        i = argv.index(option)
+        return [*argv[:i + 1], value, *argv[i + 2:]]
+    return [*argv, option, value]
+
+
+def _first(prefix: tuple[str, ...], pred) -> list[str]:
+    for (cmd,) in (p.values for p in commands(*prefix)):
+        if pred(mtl_ray_args(cmd[1:])):
+            return cmd[1:]
+    pytest.fail(f"README has no `{' '.join(prefix)}` command of the kind this test runs")
+
+
+SMALL = ["optim.steps=5", "optim.val_every=5", "optim.val_tasks=8", "tracking.checkpoint_every=5",
+         "tracking.log_every=5", "tracking.mlflow=false", "tracking.progress=false", "scaling.num_workers=0"]
+
+
+@pytest.mark.slow
+def test_readme_sinusoid_train_then_eval_run(tmp_path):
+    """The README's sinusoid ``mtl-ray train`` (5 steps, in-process, into tmp) and ``mtl-ray eval`` of that run."""
+    train = _first((MTL_RAY, "train"), lambda a: a.config and load_config(REPO / a.config).data.source == "sinusoid")
+    run = tmp_path / "sin"
+    argv = _with_option([*train, *SMALL, f"tracking.run_dir={tmp_path}"], "--run-dir", str(run))
+    out = run_cli(argv).stdout
+    assert "final meta-validation" in out, out
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
+    assert list((run / "checkpoints").glob("step_*.pt"))
+
+    ev = _first((MTL_RAY, "eval"), lambda a: not a.overrides and a.lake is None)
+    ev = _with_option([ev[0], str(run), *ev[2:]], "--episodes", "16")
+    out = run_cli(ev).stdout
+    assert "meta_test/loss" in out and "95% CI" in out, out
+
+
+@pytest.mark.slow
+def test_mtl_ray_validate_accepts_every_shipped_config(omniglot_root):
+    """``mtl-ray validate CONFIG...`` (README, Train locally) on every config and sweep in jobs/configs."""
+    configs = sorted(str(p.relative_to(REPO)) for p in (REPO / "jobs" / "configs").glob("*.yaml"))
+    out = run_cli(["validate", *configs], data_root=omniglot_root).stdout
+    assert out.split() == [w for c in configs for w in ("ok:", c)], out
