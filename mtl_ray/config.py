@@ -114,6 +114,7 @@ class ScalingConfig:
     address: str = ""  # Ray to join ("auto": the one `ray start` runs here); "": $RAY_ADDRESS, else a new local Ray
     max_restarts: int = 3  # restarts Ray grants each worker actor (a lost worker is replaced after that)
     step_timeout_s: float = 600.0  # a step whose shards are not all back by then fails with an error
+    precision: str = "fp32"  # "bf16": autocast the inner/outer forward passes (weights and meta-gradients stay fp32)
 
 
 @dataclass(frozen=True)
@@ -383,6 +384,7 @@ def check_static(cfg: Config) -> list[str]:
     _positive(p, "scaling.torch_threads", s.torch_threads, allow_zero=True)
     _positive(p, "scaling.max_restarts", s.max_restarts, allow_zero=True)
     _positive(p, "scaling.step_timeout_s", s.step_timeout_s)
+    _choice(p, "scaling.precision", s.precision, ("fp32", "bf16"))
     _positive(p, "tracking.checkpoint_every", t.checkpoint_every, allow_zero=True)
     _positive(p, "tracking.log_every", t.log_every)
     if is_regression(cfg):

@@ -6,6 +6,7 @@ calls it directly; each Ray worker actor wraps one. It never names a specific al
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -30,6 +31,13 @@ class ShardWorker:
             torch.set_num_threads(self.cfg.scaling.torch_threads)
         self.device = torch.device(device)
         self.learner = build_learner(self.cfg)
+        self.bf16 = self.cfg.scaling.precision == "bf16"
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast of the forward passes (inner and outer); params and meta-gradients stay fp32."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
     def _params(self, params: Params) -> Params:
         return {k: torch.as_tensor(v).to(self.device) for k, v in params.items()}
@@ -38,7 +46,8 @@ class ShardWorker:
         """Sum of meta-gradients of training tasks ``indices`` at ``step`` (grads returned on CPU)."""
         t0 = time.perf_counter()
         batch = self.learner.source.sample("train", step, indices).to(self.device)
-        result = self.learner.algorithm.meta_gradient(self._params(params), batch)
+        with self._autocast():
+            result = self.learner.algorithm.meta_gradient(self._params(params), batch)
         grads = {k: v.detach().cpu() for k, v in result.grads.items()}
         return ShardResult(grads=grads, num_tasks=result.num_tasks, metrics=result.metrics,
                            seconds=time.perf_counter() - t0)
@@ -47,5 +56,6 @@ class ShardWorker:
                  inner_steps: int) -> dict[str, torch.Tensor]:
         """Per-task metrics ``{name: [len(indices)]}`` after adaptation with ``inner_steps`` steps."""
         batch = self.learner.source.sample(split, step, indices).to(self.device)
-        out = self.learner.algorithm.evaluate(self._params(params), batch, inner_steps)
+        with self._autocast():
+            out = self.learner.algorithm.evaluate(self._params(params), batch, inner_steps)
         return {k: v.cpu() for k, v in out.items()}
