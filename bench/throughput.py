@@ -63,14 +63,21 @@ SINUSOID_TASKS, CONV_TASKS = 25, 32
 # --------------------------------------------------------------------------- timing
 
 
-def measure(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> list[float]:
-    """Seconds per call of ``fn`` after ``warmup`` untimed calls."""
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def measure(fn: Callable[[], Any], repeats: int, warmup: int = 2, device: str = "cpu") -> list[float]:
+    """Seconds per call of ``fn`` after ``warmup`` untimed calls (CUDA work is synchronised)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -118,6 +125,10 @@ class Setup:
     alg: Any
     params: Params
     batch: TaskBatch
+
+    def to(self, device: str) -> Setup:
+        return Setup(self.cfg, self.alg, {k: v.to(device) for k, v in self.params.items()},
+                     self.batch.to(device))
 
     def to64(self) -> Setup:
         return Setup(self.cfg, self.alg, {k: v.double() for k, v in self.params.items()},
@@ -255,13 +266,20 @@ def bench_conv(args: argparse.Namespace) -> dict[str, Any]:
             if err > 1e-8:
                 raise SystemExit(f"conv4 check failed ({impl}, first_order={fo}): {err:.2e}")
     rows = []
+    tasks, dev = args.meta_batch, args.device
     for queries, steps, fo in conv_cases(args.quick, args.all_cases):
-        row: dict[str, Any] = {"queries": queries, "inner_steps": steps, "order": "1st" if fo else "2nd"}
+        row: dict[str, Any] = {"queries": queries, "inner_steps": steps, "order": "1st" if fo else "2nd",
+                               "meta_batch": tasks, "device": dev}
         for name, impl in (("im2col", "im2col"), ("native", "native"), ("loop", None)):
-            setup = conv_setup(inner_steps=steps, first_order=fo, queries=queries, impl=impl or "im2col")
+            setup = conv_setup(tasks=tasks, inner_steps=steps, first_order=fo, queries=queries,
+                               impl=impl or "im2col").to(dev)
             fn = loop_for(setup) if impl is None else vectorised_for(setup)
-            times = measure(lambda fn=fn, s=setup: fn(s.params, s.batch), args.repeats)
-            row[name] = summary(times, CONV_TASKS)
+            if dev.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            times = measure(lambda fn=fn, s=setup: fn(s.params, s.batch), args.repeats, device=dev)
+            row[name] = summary(times, tasks)
+            if dev.startswith("cuda"):
+                row[name]["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
         row["ratio_im2col_loop"] = row["im2col"]["tasks_per_s"] / row["loop"]["tasks_per_s"]
         row["ratio_native_loop"] = row["native"]["tasks_per_s"] / row["loop"]["tasks_per_s"]
         print(f"  q={queries:2d} steps={steps} {row['order']}: im2col {row['im2col']['tasks_per_s']:7.1f}  "
@@ -384,7 +402,9 @@ def print_tables(res: dict[str, Any]) -> None:
         print(f"  vectorised {s['vectorised']['tasks_per_s']:9.0f}   loop {s['loop']['tasks_per_s']:7.0f}   "
               f"ratio {s['ratio']:.1f}x (target >= 8x)")
     if "conv4" in res:
-        print("Conv4 Omniglot 5-way 1-shot, meta-batch 32 (vectorised = vmap over tasks)")
+        r0 = res["conv4"]["rows"][0] if res["conv4"]["rows"] else {}
+        print(f"Conv4 Omniglot 5-way 1-shot, meta-batch {r0.get('meta_batch', CONV_TASKS)} on "
+              f"{r0.get('device', 'cpu')} (vectorised = vmap over tasks)")
         head = (f"  {'queries':>7} {'steps':>5} {'order':>5} | {'im2col':>8} {'native':>8} {'loop':>8} | "
                 f"{'im2col/loop':>11} {'native/loop':>11}")
         print(head)
@@ -392,8 +412,10 @@ def print_tables(res: dict[str, Any]) -> None:
         for r in res["conv4"]["rows"]:
             print(f"  {r['queries']:>7} {r['inner_steps']:>5} {r['order']:>5} | {r['im2col']['tasks_per_s']:8.1f} "
                   f"{r['native']['tasks_per_s']:8.1f} {r['loop']['tasks_per_s']:8.1f} | "
-                  f"{r['ratio_im2col_loop']:10.2f}x {r['ratio_native_loop']:10.2f}x")
-        print("  (target: im2col/loop >= 2x for 2nd order)")
+                  f"{r['ratio_im2col_loop']:10.2f}x {r['ratio_native_loop']:10.2f}x"
+                  + (f"  peak MiB native {r['native']['peak_mem_mib']:.0f} loop {r['loop']['peak_mem_mib']:.0f}"
+                     if "peak_mem_mib" in r["native"] else ""))
+        print("  (target: native/loop >= 2x for 2nd order)")
     if "layer1" in res:
         print("Conv4 layer 1 (1->64, 3x3, pad 1, 28x28), vmap over 32 tasks x 5 images, forward + weight grad")
         for name, r in res["layer1"]["formulations"].items():
@@ -404,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="fewer cases and repeats (~1 minute)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (Conv4 section; float64 checks stay on CPU)")
+    p.add_argument("--meta-batch", type=int, default=CONV_TASKS, help="Conv4 meta-batch (default 32; e.g. 128)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; quick 3)")
     p.add_argument("--all-cases", action="store_true",
                    help="also the 15-query grid (1/5 steps, 1st order): several more minutes")
