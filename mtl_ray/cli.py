@@ -7,6 +7,8 @@ anything and exits 2 with every problem listed. ``key=value`` arguments override
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -69,17 +71,16 @@ def log_model(tracker, summary) -> None:
     """Log the final checkpoint as an MLflow pyfunc few-shot model into the run (skipped without one)."""
     if not summary.checkpoint or "://" in summary.checkpoint or tracker.run_id is None:
         return
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps job logs readable
+    # MLflow's advice about a pickled python_model does not apply: the model is our own code, shipped with it.
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
     try:
         from mtl_ray.serving import log_fewshot_model
     except ImportError:  # serving is optional
         return
 
     def log() -> None:
-        import os
-
         import mlflow
-
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps job logs readable
 
         mlflow.set_tracking_uri(tracker.uri)
         with mlflow.start_run(run_id=tracker.run_id):
