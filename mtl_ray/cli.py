@@ -86,7 +86,7 @@ def log_model(tracker, summary) -> None:
         with mlflow.start_run(run_id=tracker.run_id):
             log_fewshot_model(summary.checkpoint)
 
-    tracker._guard(log)
+    tracker.guard(log)
 
 
 def evaluate(ckpt_path: str, *, overrides: Sequence[str], split: str, episodes: int, lake: str | None,

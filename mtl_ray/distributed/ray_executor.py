@@ -54,9 +54,6 @@ class WorkerActor:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def pid(self) -> int:
-        return os.getpid()
-
 
 def to_numpy(params: Params) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy() for k, v in params.items()}
@@ -67,12 +64,12 @@ def from_numpy(params: dict[str, np.ndarray]) -> Params:
     return {k: torch.tensor(v) for k, v in params.items()}
 
 
-def connect(cfg: Config) -> bool:
+def connect(cfg: Config, min_cpus: float | None = None) -> bool:
     """Join ``scaling.address`` (or $RAY_ADDRESS, e.g. inside ``ray job submit``), else start a local Ray.
 
-    A local Ray gets at least the logical CPUs the workers ask for, so ``num_workers`` larger than
-    the core count still runs on a laptop (oversubscribed) instead of waiting for resources that
-    never come. Returns True when this call started (and so owns) the Ray instance.
+    A local Ray gets at least ``min_cpus`` logical CPUs (default: what the workers ask for), so
+    ``num_workers`` larger than the core count still runs on a laptop (oversubscribed) instead of
+    waiting for resources that never come. Returns True when this call started (and so owns) Ray.
     """
     if ray.is_initialized():
         return False
@@ -80,7 +77,8 @@ def connect(cfg: Config) -> bool:
     if s.address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=s.address or None, log_to_driver=True)
     else:
-        cpus = max(os.cpu_count() or 1, math.ceil(s.num_workers * s.cpus_per_worker))
+        need = s.num_workers * s.cpus_per_worker if min_cpus is None else min_cpus
+        cpus = max(os.cpu_count() or 1, math.ceil(need))
         # "local": a new instance even if `ray start` left a cluster on this machine (use address=auto for that)
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
     return True
@@ -109,7 +107,7 @@ class RayExecutor:
             # Inside a Tune trial the actors must land in the trial's placement group (the default
             # strategy captures them); elsewhere spread them over the nodes.
             **({} if ray.util.get_current_placement_group() else {"scheduling_strategy": "SPREAD"}))
-        self.actors = [self._actor_cls.remote(self._cfg_json, s.gpus_per_worker) for _ in range(s.num_workers)]
+        self.actors = [self._new_actor() for _ in range(s.num_workers)]
         self._probes = [_probe(a) for a in self.actors]
         # Every worker loads its data before the first step, so start-up errors surface here.
         try:
@@ -121,6 +119,9 @@ class RayExecutor:
                 f"{self.timeout_s:g}s; expected {s.num_workers} x ({s.cpus_per_worker:g} CPU, {s.gpus_per_worker:g} "
                 f"GPU) free in the cluster, which has {_resources()}. Lower scaling.num_workers or "
                 "scaling.cpus_per_worker/gpus_per_worker, or add nodes") from None
+
+    def _new_actor(self) -> Any:
+        return self._actor_cls.remote(self._cfg_json, self.cfg.scaling.gpus_per_worker)
 
     def node_ids(self) -> list[str]:
         return ray.get([a.node_id.remote() for a in self.actors], timeout=self.timeout_s)
@@ -213,7 +214,7 @@ class RayExecutor:
         if isinstance(err, ray.exceptions.ActorDiedError):
             with contextlib.suppress(Exception):
                 ray.kill(self.actors[slot])
-            self.actors[slot] = self._actor_cls.remote(self._cfg_json, self.cfg.scaling.gpus_per_worker)
+            self.actors[slot] = self._new_actor()
             self.replaced += 1
         self._probes[slot] = _probe(self.actors[slot])
 

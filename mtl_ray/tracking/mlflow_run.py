@@ -148,7 +148,7 @@ class MlflowRun:
         if problem:
             self._fail(problem)
             return
-        self._guard(lambda: self._start(resume, parent_run_id, dict(tags or {})))
+        self.guard(lambda: self._start(resume, parent_run_id, dict(tags or {})))
 
     # ------------------------------------------------------------------ failure handling
     def _fail(self, why: str) -> None:
@@ -157,7 +157,7 @@ class MlflowRun:
             print(f"warning: MLflow tracking at {self.uri} is unavailable ({why}); training continues, "
                   f"metrics stay complete in {self.run_dir / METRICS_FILE}", file=self.out, flush=True)
 
-    def _guard(self, fn: Callable[[], Any]) -> Any:
+    def guard(self, fn: Callable[[], Any]) -> Any:
         if self.failed is not None:
             return None
         try:
@@ -203,16 +203,12 @@ class MlflowRun:
         if not self._buffer or self.run_id is None:
             return
         buf, self._buffer = self._buffer, []
-        self._guard(lambda: [self.client.log_batch(self.run_id, metrics=buf[i:i + 1000])
+        self.guard(lambda: [self.client.log_batch(self.run_id, metrics=buf[i:i + 1000])
                              for i in range(0, len(buf), 1000)])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.run_id is not None:
-            self._guard(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        if self.run_id is not None:
-            self._guard(lambda: [self.client.set_tag(self.run_id, k, str(v)) for k, v in tags.items()])
+            self.guard(lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def finish(self, *, status: str = "FINISHED", checkpoint: str | None = None) -> None:
         """Flush metrics, log the config, the final checkpoint and a learning curve, close the run."""
@@ -227,7 +223,7 @@ class MlflowRun:
         curve = learning_curve(self.run_dir)
         if curve is not None:
             self.log_artifact(curve)
-        self._guard(lambda: self.client.set_terminated(self.run_id, status=status))
+        self.guard(lambda: self.client.set_terminated(self.run_id, status=status))
 
 
 def learning_curve(run_dir: Path) -> Path | None:

@@ -23,7 +23,6 @@ Every value a domain can produce is checked against the config schema before any
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,9 +226,3 @@ def _plain(v: Any) -> Any:
     if hasattr(v, "item"):  # numpy scalars from samplers
         return v.item()
     return v
-
-
-def spec_summary(spec: SweepSpec) -> dict[str, Any]:
-    d = dataclasses.asdict(spec)
-    d["base"] = spec.base.name
-    return d

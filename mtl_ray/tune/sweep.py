@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import shutil
 import sys
 import tempfile
@@ -27,6 +26,7 @@ import yaml
 from mtl_ray.config import Config
 from mtl_ray.distributed.checkpoint import latest_checkpoint
 from mtl_ray.distributed.driver import MetaTrainer
+from mtl_ray.distributed.ray_executor import connect
 from mtl_ray.tracking.local import atomic_write_text
 from mtl_ray.tracking.mlflow_run import RUN_ID_FILE, ensure_experiment, git_commit, tracking_uri, version_tags
 from mtl_ray.tracking.run import run_training
@@ -115,18 +115,6 @@ def train_trial(params: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, pare
 # ---------------------------------------------------------------------------- the driver
 
 
-def _connect(spec: SweepSpec, bundle_cpus: float) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    s = spec.base.scaling
-    if s.address or os.environ.get("RAY_ADDRESS"):
-        ray.init(address=s.address or None)
-    else:  # a local Ray big enough for at least one trial, however few cores this machine has
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(bundle_cpus)), include_dashboard=False)
-
-
 def _bundles(spec: SweepSpec) -> list[dict[str, float]]:
     s = spec.base.scaling
     head = {"CPU": spec.trial_cpus}
@@ -172,7 +160,7 @@ def run_sweep(spec: SweepSpec, sweep_dir: Path, *, resume: bool = False, out=sys
     sweep_dir = sweep_dir.absolute()
     sweep_dir.mkdir(parents=True, exist_ok=True)
     bundles = _bundles(spec)
-    _connect(spec, sum(b["CPU"] for b in bundles))
+    connect(spec.base, min_cpus=sum(b["CPU"] for b in bundles))  # a local Ray fits at least one trial
     client, parent_id = _parent_run(spec, sweep_dir, resume)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, spec=spec, sweep_dir=str(sweep_dir), parent_run_id=parent_id),
