@@ -101,13 +101,18 @@ def train_trial(params: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, pare
     restored = tune.get_checkpoint()
     resume = False
     if restored is not None:
+        # Tune's checkpoint is the truth: the killed attempt may have written newer local checkpoints
+        # whose results Tune never received. Resuming from those would skip the reports Tune waits for.
+        ckdir = run_dir / "checkpoints"
+        ckdir.mkdir(parents=True, exist_ok=True)
         with restored.as_directory() as d:
-            for f in Path(d).glob("step_*.pt"):
-                dest = run_dir / "checkpoints" / f.name
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if not dest.exists():
-                    shutil.copy2(f, dest)
-        resume = latest_checkpoint(run_dir) is not None
+            src = max(Path(d).glob("step_*.pt"))  # step_XXXXXXXX.pt: zero-padded, so names sort by step
+            for stale in ckdir.glob("step_*.pt"):
+                if stale.name > src.name:
+                    stale.unlink()
+            if not (ckdir / src.name).exists():
+                shutil.copy2(src, ckdir / src.name)
+        resume = True
     run_training(cfg, run_dir, resume=resume, parent_run_id=parent_run_id,
                  trainer_hook=lambda trainer: [_Reporter(trainer)], out=sys.stdout)
 
