@@ -1,4 +1,4 @@
-"""``mtl-ray``: train, evaluate, convert data, validate configs.
+"""``mtl-ray``: train, pretrain, tune, evaluate, convert data, validate configs.
 
 Every command validates its whole config (static and data-dependent checks) before starting
 anything and exits 2 with every problem listed. ``key=value`` arguments override config fields.
@@ -21,12 +21,28 @@ from mtl_ray.config import Config, ConfigError, UserError, from_dict, load_confi
 EXIT_CONFIG = 2
 
 
-def validate(cfg_path: str | None, overrides: Sequence[str]) -> Config:
-    """Load a config and run the data-dependent checks; raise one ConfigError with every problem."""
+def check_config(cfg: Config) -> Config:
+    """Run the checks that need the data and ``model.init``; raise one ConfigError with every problem."""
     from mtl_ray.data import check_data
+    from mtl_ray.distributed.transfer import check_init
+
+    problems = check_data(cfg) + check_init(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def validate(cfg_path: str | None, overrides: Sequence[str]) -> Config:
+    """Load a config and run every check; raise one ConfigError with every problem."""
+    return check_config(load_config(cfg_path, overrides))
+
+
+def validate_pretrain(cfg_path: str | None, overrides: Sequence[str]) -> Config:
+    """Load a config for ``mtl-ray pretrain`` and check its data; raise one ConfigError with every problem."""
+    from mtl_ray.data import check_pretrain_data
 
     cfg = load_config(cfg_path, overrides)
-    problems = check_data(cfg)
+    problems = check_pretrain_data(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -49,17 +65,21 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, out=sys.stdout):
     return run_training(cfg, run_dir, resume=resume, on_finish=log_model, out=out)
 
 
+def pretrain(cfg: Config, run_dir: Path, *, resume: bool = False, out=sys.stdout):
+    """Pretrain ``cfg`` on Ray Train into ``run_dir``; the shared body of ``mtl-ray pretrain`` and jobs/pretrain.py."""
+    from mtl_ray.tracking.run import run_pretraining
+
+    return run_pretraining(cfg, run_dir, resume=resume, out=out)
+
+
 def tune_command(sweep_path: str, overrides: Sequence[str], sweep_dir: str | None, *, resume: bool = False,
                  out=sys.stdout):
     """Validate the sweep (base config, every value of its space, the data) before Ray starts; run it."""
-    from mtl_ray.data import check_data
     from mtl_ray.tune.spec import load_sweep
     from mtl_ray.tune.sweep import run_sweep
 
     spec = load_sweep(sweep_path, list(overrides))
-    problems = check_data(spec.base)
-    if problems:
-        raise ConfigError(problems)
+    check_config(spec.base)
     if resume and not sweep_dir:
         raise ConfigError(["--resume: got no sweep to resume; expected --sweep-dir DIR of an earlier sweep"])
     path = (Path(sweep_dir) if sweep_dir else
@@ -92,34 +112,40 @@ def log_model(tracker, summary) -> None:
 def evaluate(ckpt_path: str, *, overrides: Sequence[str], split: str, episodes: int, lake: str | None,
              out=sys.stdout) -> dict[str, float]:
     from mtl_ray import metrics as M
+    from mtl_ray.algorithms import TaskShape, linear_probe
     from mtl_ray.data import check_data
-    from mtl_ray.data.lake import default_lake_path, load_lake_runs
+    from mtl_ray.data.lake import WAYS, default_lake_path, load_lake_runs
     from mtl_ray.distributed.checkpoint import load_checkpoint
     from mtl_ray.distributed.evaluate import check_params, evaluate_tasks, lake_error, mean_ci95
     from mtl_ray.distributed.executor import LocalExecutor
 
     ck = load_checkpoint(ckpt_path)
     cfg = from_dict(ck.config.to_dict(), overrides)
+    params, shape, method = ck.params, ck.shape, cfg.algorithm.name
+    if ck.stage == "pretrain":  # "pretrain-only": a linear head fine-tuned on each support set
+        shape = TaskShape(ck.shape.kind, ck.shape.x_shape, WAYS if lake is not None else cfg.data.ways)
+        cfg, params = linear_probe(cfg, ck.params, shape)
+        method = f"pretrained body + linear head, lr {cfg.algorithm.inner_lr:g}"
     steps = cfg.eval_inner_steps
     result: dict[str, float] = {"step": float(ck.step)}
     if lake is not None:
         path = Path(lake) if lake else default_lake_path(cfg.data.root)
         runs = load_lake_runs(path, cfg.data.image_size)
-        err = lake_error(cfg, ck.params, ck.shape, runs, steps)
+        err = lake_error(cfg, params, shape, runs, steps)
         print(f"Lake 20-way within-alphabet one-shot, {len(runs)} runs: error {err:.2f}% "
-              f"(accuracy {100 - err:.2f}%)  [{cfg.algorithm.name}, step {ck.step}, {steps} inner steps]", file=out)
+              f"(accuracy {100 - err:.2f}%)  [{method}, step {ck.step}, {steps} inner steps]", file=out)
         result["lake/error_pct"] = err
         return result
     problems = check_data(cfg, [split])
     if problems:
         raise ConfigError(problems)
     executor = LocalExecutor(cfg)
-    check_params(executor.worker.learner, ck.params, f"checkpoint {ckpt_path}")
-    per_task = evaluate_tasks(executor, ck.params, split, episodes, steps)
+    check_params(executor.worker.learner, params, f"checkpoint {ckpt_path}")
+    per_task = evaluate_tasks(executor, params, split, episodes, steps)
     d = cfg.data
-    shape = "regression" if cfg.data.source == "sinusoid" else f"{d.ways}-way {d.shots}-shot"
-    print(f"meta-test on {d.source}/{split}: {episodes} episodes, {shape}, {steps} inner steps, step {ck.step}",
-          file=out)
+    task = "regression" if cfg.data.source == "sinusoid" else f"{d.ways}-way {d.shots}-shot"
+    print(f"meta-test on {d.source}/{split}: {episodes} episodes, {task}, {steps} inner steps, step {ck.step} "
+          f"[{method}]", file=out)
     for name, values in per_task.items():
         mean, half = mean_ci95(values)
         key = M.META_TEST_ACC if name == "acc" else M.META_TEST_LOSS if name == "loss" else f"meta_test/{name}"
@@ -138,6 +164,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.steps=100")
     t.add_argument("--run-dir", help="run directory (default: tracking.run_dir/<name>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+
+    pt = sub.add_parser("pretrain", help="supervised pretraining on Ray Train (for model.init / algorithm mtl)")
+    pt.add_argument("config", nargs="?", help="YAML config (its data, model and pretrain sections)")
+    pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.steps=500")
+    pt.add_argument("--run-dir", help="run directory (default: tracking.run_dir/<name>-<time>)")
+    pt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
 
     s = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune (each trial: its own worker actors)")
     s.add_argument("sweep", help="sweep YAML, e.g. jobs/configs/sweep_omniglot_maml.yaml")
@@ -196,13 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
-        if args.command == "train":
+        if args.command in ("train", "pretrain"):
             path, overrides = _split_overrides([*([args.config] if args.config else []), *args.overrides])
-            cfg = validate(path, overrides)
+            cfg = (validate if args.command == "train" else validate_pretrain)(path, overrides)
             if args.resume and not args.run_dir and not cfg.tracking.run_name:
                 raise ConfigError(["--resume: got no run to resume; "
                                    "expected --run-dir DIR (or tracking.run_name=NAME)"])
-            train(cfg, run_dir_for(cfg, args.run_dir), resume=args.resume)
+            (train if args.command == "train" else pretrain)(cfg, run_dir_for(cfg, args.run_dir), resume=args.resume)
         elif args.command == "tune":
             tune_command(args.sweep, args.overrides, args.sweep_dir, resume=args.resume)
         elif args.command == "eval":
@@ -221,12 +253,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in args.configs:
                 try:
                     if _is_sweep(path):
-                        from mtl_ray.data import check_data
                         from mtl_ray.tune.spec import load_sweep
 
-                        problems = check_data(load_sweep(path).base)
-                        if problems:
-                            raise ConfigError(problems)
+                        check_config(load_sweep(path).base)
                     else:
                         validate(path, [])
                     print(f"ok: {path}")

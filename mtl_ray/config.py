@@ -26,7 +26,7 @@ DATA_DIR_ENV = "MTL_RAY_DATA_DIR"
 
 SOURCES = ("omniglot", "sinusoid", "parquet", "digits")
 MODELS = ("mlp", "conv4")
-ALGORITHMS = ("maml", "metasgd", "reptile", "anil", "protonet", "relationnet")
+ALGORITHMS = ("maml", "metasgd", "reptile", "anil", "protonet", "relationnet", "mtl")
 OPTIMIZERS = ("adam", "sgd")
 DOWNSAMPLE = ("pool", "stride")
 CONV_IMPLS = ("im2col", "native")
@@ -81,6 +81,9 @@ class ModelConfig:
     blocks: int = 4
     downsample: str = "pool"  # "pool": 2x2 max-pool per block (Vinyals et al.); "stride": stride-2 convs
     conv_impl: str = "native"  # "native": F.conv2d (measured faster under vmap here); "im2col": unfold + GEMM
+    # A checkpoint (file, run dir or pyarrow.fs URI) whose body weights start meta-training, usually one
+    # `mtl-ray pretrain` wrote. Full mode: every algorithm but mtl fine-tunes them; algorithm.name=mtl freezes them.
+    init: str = ""
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,26 @@ class OptimConfig:
     val_every: int = 100  # meta-validate every N steps; 0 disables
     val_tasks: int = 64
     max_minutes: float = 0.0  # wall-clock budget of one invocation; stops early (validated, checkpointed); 0: none
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Supervised many-way pretraining over every class of the train split (``mtl-ray pretrain``, Ray Train)."""
+
+    num_workers: int = 2  # Ray Train data-parallel workers, each with scaling.cpus_per_worker / gpus_per_worker
+    steps: int = 2000  # optimiser steps
+    batch_size: int = 128  # global batch, split evenly over the workers
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    holdout: int = 2  # examples per class kept out of training to measure pretrain/val_acc
+    val_every: int = 200  # measure held-out accuracy (and report to Ray Train) every N steps
+    max_failures: int = 2  # worker failures Ray Train recovers from (restart from the latest checkpoint)
+    max_minutes: float = 0.0  # wall-clock budget; stops early (validated, checkpointed); 0: none
+    # How `mtl-ray eval` scores a pretrained checkpoint ("pretrain-only"): a zero-initialised linear head on the
+    # frozen body, fine-tuned on each support set with probe_steps full-batch gradient steps of size probe_lr.
+    probe_steps: int = 100
+    probe_lr: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -138,6 +161,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -340,6 +364,7 @@ def check_static(cfg: Config) -> list[str]:
     """Checks that need no data. Data-dependent checks live in :func:`mtl_ray.data.check_data`."""
     p: list[str] = []
     d, m, a, o, s, t = cfg.data, cfg.model, cfg.algorithm, cfg.optim, cfg.scaling, cfg.tracking
+    pt = cfg.pretrain
     _choice(p, "data.source", d.source, SOURCES)
     _choice(p, "model.name", m.name, MODELS)
     _choice(p, "algorithm.name", a.name, ALGORITHMS)
@@ -385,6 +410,27 @@ def check_static(cfg: Config) -> list[str]:
     _positive(p, "scaling.max_restarts", s.max_restarts, allow_zero=True)
     _positive(p, "scaling.step_timeout_s", s.step_timeout_s)
     _choice(p, "scaling.precision", s.precision, ("fp32", "bf16"))
+    _positive(p, "pretrain.num_workers", pt.num_workers)
+    _positive(p, "pretrain.steps", pt.steps)
+    _positive(p, "pretrain.batch_size", pt.batch_size)
+    _choice(p, "pretrain.optimizer", pt.optimizer, OPTIMIZERS)
+    _positive(p, "pretrain.lr", pt.lr)
+    _positive(p, "pretrain.weight_decay", pt.weight_decay, allow_zero=True)
+    _positive(p, "pretrain.holdout", pt.holdout, allow_zero=True)
+    _positive(p, "pretrain.val_every", pt.val_every, allow_zero=True)
+    _positive(p, "pretrain.max_failures", pt.max_failures, allow_zero=True)
+    _positive(p, "pretrain.max_minutes", pt.max_minutes, allow_zero=True)
+    _positive(p, "pretrain.probe_steps", pt.probe_steps, allow_zero=True)
+    _positive(p, "pretrain.probe_lr", pt.probe_lr, allow_zero=True)
+    if pt.batch_size % pt.num_workers:
+        p.append(f"pretrain.batch_size: got {pt.batch_size}, expected a multiple of pretrain.num_workers="
+                 f"{pt.num_workers} (each worker takes an equal share of the global batch)")
+    if a.name == "mtl" and not m.init:
+        p.append("algorithm.name: got 'mtl' with model.init empty; MTL meta-learns the scale and shift of a "
+                 "pretrained, frozen body: set model.init to a checkpoint or run dir of `mtl-ray pretrain`")
+    if m.init and a.name == "relationnet":
+        p.append("model.init: relationnet cannot start from a pretrained body (its embedding has a different "
+                 "layout); drop model.init or pick another algorithm")
     _positive(p, "tracking.checkpoint_every", t.checkpoint_every, allow_zero=True)
     _positive(p, "tracking.log_every", t.log_every)
     if is_regression(cfg):

@@ -11,6 +11,12 @@ META_VAL_LOSS = "meta_val/loss"
 META_VAL_ACC = "meta_val/acc"
 META_TEST_LOSS = "meta_test/loss"
 META_TEST_ACC = "meta_test/acc"
+PRETRAIN_LOSS = "pretrain/loss"  # mean over the report window and across data-parallel workers
+PRETRAIN_ACC = "pretrain/acc"
+PRETRAIN_VAL_LOSS = "pretrain/val_loss"  # held-out examples of the pretraining classes
+PRETRAIN_VAL_ACC = "pretrain/val_acc"
+PRETRAIN_IMAGES_PER_S = "pretrain/images_per_s"
+PRETRAIN_WORKERS = "pretrain/workers"  # data-parallel Ray Train workers in the group
 
 
 def prefixed(phase: str, sums: dict[str, float], num_tasks: int) -> dict[str, float]:

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from mtl_ray.algorithms.base import ACC, LOSS, FunctionalAlgorithm, MetaAlgorithm, Params, ShardResult
 from mtl_ray.algorithms.gradient import ANIL, MAML, MetaSGD
 from mtl_ray.algorithms.metric import ProtoNet, RelationNetwork
+from mtl_ray.algorithms.mtl import MTL
 from mtl_ray.algorithms.reptile import Reptile
 from mtl_ray.config import Config
 from mtl_ray.data import build_task_source
 from mtl_ray.data.base import TaskSource
-from mtl_ray.models import build_model, initial_params
+from mtl_ray.models import BODY_PREFIX, HEAD_PREFIX, build_model, initial_params
 
 __all__ = [
     "ACC",
@@ -21,6 +23,7 @@ __all__ = [
     "ANIL",
     "LOSS",
     "MAML",
+    "MTL",
     "FunctionalAlgorithm",
     "Learner",
     "MetaAlgorithm",
@@ -34,11 +37,12 @@ __all__ = [
     "build_algorithm",
     "build_learner",
     "initial_meta_params",
+    "linear_probe",
     "uses_head",
 ]
 
 ALGORITHMS: dict[str, type[FunctionalAlgorithm]] = {
-    cls.name: cls for cls in (MAML, MetaSGD, Reptile, ANIL, ProtoNet, RelationNetwork)
+    cls.name: cls for cls in (MAML, MetaSGD, Reptile, ANIL, ProtoNet, RelationNetwork, MTL)
 }
 
 
@@ -94,6 +98,30 @@ def build_learner(cfg: Config, source: TaskSource | None = None, shape: TaskShap
     return Learner(shape, model, build_algorithm(cfg, model, shape.kind, shape.ways), source)
 
 
-def initial_meta_params(cfg: Config, learner: Learner) -> Params:
-    """The meta-parameters at step 0: model weights seeded by ``cfg.seed`` plus algorithm extras."""
-    return learner.algorithm.init_params(initial_params(learner.model, cfg.seed))
+def initial_meta_params(cfg: Config, learner: Learner, init: Params | None = None) -> Params:
+    """The meta-parameters at step 0: model weights seeded by ``cfg.seed``, with the entries of ``init``
+    (e.g. a pretrained body) in place of theirs, plus algorithm extras."""
+    params = initial_params(learner.model, cfg.seed)
+    for k, v in (init or {}).items():
+        if k not in params or params[k].shape != v.shape:
+            got = "missing" if k not in params else tuple(params[k].shape)
+            raise ValueError(f"initial weights {k!r}: shape {tuple(v.shape)}, the model has {got}")
+        params[k] = v.detach().clone().to(params[k].dtype)
+    return learner.algorithm.init_params(params)
+
+
+def linear_probe(cfg: Config, params: Params, shape: TaskShape) -> tuple[Config, Params]:
+    """Score a pretrained body "pretrain-only": the config and meta-parameters of ANIL with a zero head.
+
+    The Baseline of Chen, Liu, Kira, Wang, Huang, "A Closer Look at Few-shot Classification", ICLR
+    2019: the body stays as pretrained; on each support set a zero-initialised linear head over its
+    features takes ``pretrain.probe_steps`` full-batch gradient steps of size ``pretrain.probe_lr``.
+    ``shape.ways`` sets the head's outputs.
+    """
+    probe = cfg.replace(**{"algorithm.name": ANIL.name, "algorithm.inner_lr": cfg.pretrain.probe_lr,
+                           "algorithm.eval_inner_steps": cfg.pretrain.probe_steps, "algorithm.first_order": True,
+                           "model.init": ""})
+    learner = build_learner(probe, shape=shape)
+    body = {k: v for k, v in params.items() if k.startswith(BODY_PREFIX)}
+    out = initial_meta_params(probe, learner, init=body)
+    return probe, {k: torch.zeros_like(v) if k.startswith(HEAD_PREFIX) else v for k, v in out.items()}

@@ -128,6 +128,10 @@ class FunctionalAlgorithm:
     def init_params(self, model_params: Params) -> Params:
         return dict(model_params)
 
+    def is_frozen(self, key: str) -> bool:
+        """Whether meta-parameter ``key`` is held fixed (no meta-gradient, never updated); none by default."""
+        return False
+
     # ---------------------------------------------------------------- per-task pure functions
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> State:
         raise NotImplementedError
@@ -143,8 +147,13 @@ class FunctionalAlgorithm:
 
     # ---------------------------------------------------------------- batched entry points
     def meta_gradient(self, params: Params, batch: TaskBatch) -> ShardResult:
-        """Sum over tasks of ``d loss_query(adapt(params, support)) / d params`` (vectorised)."""
+        """Sum over tasks of ``d loss_query(adapt(params, support)) / d params`` (vectorised).
+
+        Frozen entries (:meth:`is_frozen`) are inputs, not variables: they get no gradient.
+        """
         steps = self.inner_steps
+        fixed = {k: v for k, v in params.items() if self.is_frozen(k)}
+        params = {k: v for k, v in params.items() if k not in fixed}
 
         def objective(p: Params, sx, sy, qx, qy):
             return self.task_objective(p, sx, sy, qx, qy, steps)
@@ -154,7 +163,7 @@ class FunctionalAlgorithm:
         def chunk_loss(p: Params, sx, sy, qx, qy):
             # d(sum of task losses)/d params is the sum of the per-task meta-gradients: one backward
             # through the vmapped tasks instead of per-task gradients that are then summed.
-            losses, metrics = per_task(p, sx, sy, qx, qy)
+            losses, metrics = per_task({**fixed, **p}, sx, sy, qx, qy)
             return losses.sum(), metrics
 
         chunk_grad = grad(chunk_loss, has_aux=True)

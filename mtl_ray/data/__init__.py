@@ -34,6 +34,7 @@ __all__ = [
     "TaskSource",
     "build_task_source",
     "check_data",
+    "check_pretrain_data",
     "clear_caches",
     "load_pools",
     "stable_fraction",
@@ -219,6 +220,27 @@ def check_data(cfg: Config, splits: Sequence[str] | None = None) -> list[str]:
         problems.append(f"data.shots + data.queries: got {need} ({d.shots} + {d.queries}), expected <= {m} "
                         f"({where}); lower data.shots or data.queries")
     return list(dict.fromkeys(problems))  # splits sharing one pool (digits) give identical messages once
+
+
+def check_pretrain_data(cfg: Config) -> list[str]:
+    """Why ``cfg`` cannot be pretrained on (empty when it can): it needs an image source whose train split
+    has two or more classes, each with more than ``pretrain.holdout`` examples."""
+    if cfg.data.source == "sinusoid":
+        return [f"data.source: got {cfg.data.source!r}, expected an image source (omniglot, parquet, digits); "
+                "pretraining classifies the train split's images among all its classes"]
+    try:
+        loaded = load_pools(cfg)
+    except DataError as e:
+        return list(e.problems)
+    problems = list(loaded.problems)
+    pool = loaded.pools["train"]
+    if pool.num_classes < 2:
+        problems.append(f"split 'train': got {pool.num_classes} classes, expected >= 2 to pretrain a classifier "
+                        f"({loaded.describe('train')}); {loaded.fix('train')}")
+    elif cfg.pretrain.holdout >= pool.min_examples:
+        problems.append(f"pretrain.holdout: got {cfg.pretrain.holdout}, expected < {pool.min_examples} (the fewest "
+                        "examples of a train class); lower pretrain.holdout")
+    return problems
 
 
 def clear_caches() -> None:

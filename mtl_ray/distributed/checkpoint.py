@@ -1,7 +1,9 @@
 """Atomic checkpoints that load without unpickling arbitrary objects (``torch.load(weights_only=True)``).
 
 A checkpoint holds the meta-parameters, the outer optimiser's state, the step, the config (as JSON,
-so the seed that drives task sampling travels with it) and counters. A location is a local directory
+so the seed that drives task sampling travels with it) and counters. Its ``stage`` says what wrote
+it: meta-training ("meta") or supervised pretraining ("pretrain", whose params are a many-way
+classifier's weights). A location is a local directory
 or any ``pyarrow.fs`` URI (``s3://bucket/run``, ``gs://...``, ``hdfs://...``, ``file:///...``), so a
 run on a cluster can checkpoint to shared storage and resume on another machine. Files are written
 to a temporary name in the same directory and then moved into place, so a crash never leaves a
@@ -25,6 +27,7 @@ from mtl_ray.algorithms import Params, TaskShape
 from mtl_ray.config import Config, UserError, from_dict
 
 FORMAT_VERSION = 1
+STAGES = ("meta", "pretrain")
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
@@ -38,6 +41,7 @@ class Checkpoint:
     skipped_steps: int = 0
     tasks_seen: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    stage: str = "meta"
 
 
 class CheckpointError(UserError):
@@ -83,6 +87,7 @@ def save_checkpoint(location: str | Path, ckpt: Checkpoint) -> str:
         "skipped_steps": ckpt.skipped_steps,
         "tasks_seen": ckpt.tasks_seen,
         "metrics": json.dumps(ckpt.metrics),
+        "stage": ckpt.stage,
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
@@ -145,6 +150,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         skipped_steps=int(raw["skipped_steps"]),
         tasks_seen=int(raw["tasks_seen"]),
         metrics=json.loads(raw["metrics"]),
+        stage=str(raw.get("stage", "meta")),  # checkpoints written before pretraining existed are meta ones
     )
 
 

@@ -21,6 +21,7 @@ from mtl_ray.algorithms import Params, ShardResult, TaskShape, build_learner, in
 from mtl_ray.config import Config
 from mtl_ray.distributed.checkpoint import (
     Checkpoint,
+    CheckpointError,
     checkpoint_location,
     latest_checkpoint,
     load_checkpoint,
@@ -28,6 +29,7 @@ from mtl_ray.distributed.checkpoint import (
 )
 from mtl_ray.distributed.evaluate import evaluate_tasks
 from mtl_ray.distributed.executor import Executor, build_executor, shard
+from mtl_ray.distributed.transfer import init_body
 
 
 class Callback(Protocol):
@@ -99,11 +101,14 @@ class MetaTrainer:
         found = latest_checkpoint(checkpoint_location(run_dir, cfg.tracking.checkpoint_uri)) if resume else None
         if found is not None:
             ck = load_checkpoint(found)
+            if ck.stage != "meta":
+                raise CheckpointError(f"--resume: {found} is a {ck.stage} checkpoint, expected a meta-training one; "
+                                      f"to meta-train from it, start a new run with model.init={found}")
             return cls(cfg, executor, params=ck.params, shape=ck.shape, run_dir=run_dir, optimizer_state=ck.optimizer,
                        step=ck.step, skipped_steps=ck.skipped_steps, tasks_seen=ck.tasks_seen, callbacks=callbacks)
         learner = build_learner(cfg)
-        return cls(cfg, executor, params=initial_meta_params(cfg, learner), shape=learner.shape, run_dir=run_dir,
-                   callbacks=callbacks)
+        params = initial_meta_params(cfg, learner, init=init_body(cfg))  # model.init: start from pretrained weights
+        return cls(cfg, executor, params=params, shape=learner.shape, run_dir=run_dir, callbacks=callbacks)
 
     # ------------------------------------------------------------------ the algorithm
     def train_step(self) -> dict[str, float]:
@@ -133,8 +138,8 @@ class MetaTrainer:
             return norm
         clip = self.cfg.optim.grad_clip
         scale = min(1.0, clip / (norm + 1e-12)) if clip > 0 else 1.0
-        for k, p in self.params.items():
-            p.grad = grads[k].to(p.dtype) * scale
+        for k, g in grads.items():  # frozen parameters get no meta-gradient: Adam leaves them untouched
+            self.params[k].grad = g.to(self.params[k].dtype) * scale
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm

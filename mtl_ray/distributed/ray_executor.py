@@ -64,12 +64,13 @@ def from_numpy(params: dict[str, np.ndarray]) -> Params:
     return {k: torch.tensor(v) for k, v in params.items()}
 
 
-def connect(cfg: Config, min_cpus: float | None = None) -> bool:
+def connect(cfg: Config, min_cpus: float | None = None, *, dashboard: bool = False) -> bool:
     """Join ``scaling.address`` (or $RAY_ADDRESS, e.g. inside ``ray job submit``), else start a local Ray.
 
     A local Ray gets at least ``min_cpus`` logical CPUs (default: what the workers ask for), so
     ``num_workers`` larger than the core count still runs on a laptop (oversubscribed) instead of
-    waiting for resources that never come. Returns True when this call started (and so owns) Ray.
+    waiting for resources that never come. ``dashboard`` starts its state API too (Ray Train's
+    placement-group cleaner polls it). Returns True when this call started (and so owns) Ray.
     """
     if ray.is_initialized():
         return False
@@ -80,7 +81,7 @@ def connect(cfg: Config, min_cpus: float | None = None) -> bool:
         need = s.num_workers * s.cpus_per_worker if min_cpus is None else min_cpus
         cpus = max(os.cpu_count() or 1, math.ceil(need))
         # "local": a new instance even if `ray start` left a cluster on this machine (use address=auto for that)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, log_to_driver=True)
     return True
 
 

@@ -8,7 +8,10 @@ from torch import nn
 from mtl_ray.config import Config
 from mtl_ray.models.nets import HEAD_PREFIX, MLP, Conv4, RelationNet
 
-__all__ = ["HEAD_PREFIX", "MLP", "Conv4", "RelationNet", "build_model", "initial_params"]
+__all__ = ["BODY_PREFIX", "HEAD_PREFIX", "MLP", "Conv4", "RelationNet", "build_model", "initial_params",
+           "modulated_layers"]
+
+BODY_PREFIX = "body."
 
 
 def build_model(cfg: Config, x_shape: tuple[int, ...], out_features: int) -> nn.Module:
@@ -36,3 +39,16 @@ def initial_params(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
             if hasattr(mod, "reset_parameters") and mod is not model:
                 mod.reset_parameters()
     return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def modulated_layers(model: nn.Module) -> list[str]:
+    """Body layers whose output channels meta-transfer learning scales and shifts (``body.<i>.norm``, ...).
+
+    The body's batch norms when it has any: a per-channel scale or shift of a conv that batch
+    statistics normalise next would be cancelled by that normalisation. Otherwise its linear and
+    conv layers (the MLP).
+    """
+    body = model.get_submodule(BODY_PREFIX.rstrip("."))
+    norms = [n for n, m in body.named_modules() if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))]
+    names = norms or [n for n, m in body.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    return [BODY_PREFIX + n for n in names]

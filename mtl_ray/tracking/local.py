@@ -59,7 +59,8 @@ class JsonlMetrics:
 
 
 def _fmt(metrics: dict[str, float]) -> str:
-    keys = [M.META_TRAIN_LOSS, M.META_TRAIN_ACC, M.META_VAL_LOSS, M.META_VAL_ACC, M.META_TRAIN_TASKS_PER_S]
+    keys = [M.META_TRAIN_LOSS, M.META_TRAIN_ACC, M.META_VAL_LOSS, M.META_VAL_ACC, M.META_TRAIN_TASKS_PER_S,
+            M.PRETRAIN_LOSS, M.PRETRAIN_ACC, M.PRETRAIN_VAL_ACC, M.PRETRAIN_IMAGES_PER_S]
     return "  ".join(f"{k.split('/', 1)[0].replace('meta_', '')} {k.split('/', 1)[1]} {metrics[k]:.4g}"
                      for k in keys if k in metrics)
 
@@ -86,7 +87,8 @@ class Progress:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(_fmt(metrics), refresh=False)
-        elif step % self.every == 0 or step == self.total or any(k.startswith("meta_val/") for k in metrics):
+        elif (step % self.every == 0 or step == self.total
+              or any(k.startswith(("meta_val/", "pretrain/val_")) for k in metrics)):
             print(f"step {step}/{self.total}  {_fmt(metrics)}", file=self.stream, flush=True)
 
     def close(self) -> None:

@@ -134,7 +134,7 @@ class MlflowRun:
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, parent_run_id: str | None = None,
-                 tags: Mapping[str, str] | None = None, out=None):
+                 tags: Mapping[str, str] | None = None, every: int | None = None, out=None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.out = out or sys.stderr
@@ -143,7 +143,7 @@ class MlflowRun:
         self.run_id: str | None = None
         self.failed: str | None = None
         self._buffer: list[Any] = []
-        self._every = max(cfg.tracking.log_every, 1)
+        self._every = max(cfg.tracking.log_every if every is None else every, 1)  # flush every N steps
         problem = reachable(self.uri)
         if problem:
             self._fail(problem)
@@ -236,14 +236,17 @@ def learning_curve(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("meta_train/loss", "meta_val/loss"), ("meta_train/acc", "meta_val/acc")]
+    keys = [("meta_train/loss", "meta_val/loss"), ("meta_train/acc", "meta_val/acc"),
+            ("pretrain/loss", "pretrain/val_loss"), ("pretrain/acc", "pretrain/val_acc")]
     keys = [pair for pair in keys if any(pair[0] in r or pair[1] in r for r in rows)]
+    if not keys:
+        return None
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for ax, pair in zip(axes[0], keys, strict=True):
         for k in pair:
             pts = [(r["step"], r[k]) for r in rows if k in r]
             if pts:
-                ax.plot(*zip(*pts, strict=True), label=k, marker="o" if k.startswith("meta_val") else None,
+                ax.plot(*zip(*pts, strict=True), label=k, marker="o" if "val" in k else None,
                         markersize=3, linewidth=1)
         ax.set_xlabel("step")
         ax.legend()

@@ -1,4 +1,5 @@
-"""One training run with its records: the shared body of ``mtl-ray train``, the job and Tune trials.
+"""One training run with its records: the shared body of ``mtl-ray train``, the job and Tune trials,
+and of ``mtl-ray pretrain`` and its job.
 
 config.yaml and metrics.jsonl in the run directory, a progress display, an MLflow run (child of a
 sweep's parent run for a trial), then the final summary. Extra callbacks (e.g. Tune's reporter) get
@@ -9,17 +10,31 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
 import yaml
 
 from mtl_ray.config import Config, ConfigError
-from mtl_ray.distributed.checkpoint import checkpoint_location, latest_checkpoint
+from mtl_ray.distributed.checkpoint import checkpoint_location, latest_checkpoint, load_checkpoint
 from mtl_ray.distributed.driver import Callback, MetaTrainer, Summary
+from mtl_ray.distributed.pretrain import PretrainSummary, run_pretrain
 from mtl_ray.tracking.local import JsonlMetrics, Progress, atomic_write_text
 from mtl_ray.tracking.mlflow_run import MlflowRun
 
 OnFinish = Callable[[MlflowRun, Summary], None]
+
+
+def _start_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
+    """Check a resume has something to resume, write config.yaml; the step the run starts at."""
+    location = checkpoint_location(run_dir, cfg.tracking.checkpoint_uri)
+    found = latest_checkpoint(location) if resume else None
+    if resume and found is None:
+        raise ConfigError([f"--resume: no checkpoint in {location}; expected the run directory (or "
+                           "tracking.checkpoint_uri) of an earlier run (pass it with --run-dir, or drop --resume "
+                           "to start fresh)"])
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return load_checkpoint(found).step if found else 0
 
 
 def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, callbacks: Sequence[Callback] = (),
@@ -30,12 +45,7 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, callbacks:
 
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
-    location = checkpoint_location(run_dir, cfg.tracking.checkpoint_uri)
-    if resume and latest_checkpoint(location) is None:
-        raise ConfigError([f"--resume: no checkpoint in {location}; expected the run directory (or "
-                           "tracking.checkpoint_uri) of an earlier run (pass it with --run-dir, or drop --resume "
-                           "to start fresh)"])
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    _start_run_dir(cfg, run_dir, resume)
     trainer = MetaTrainer.create(cfg, run_dir, resume=resume)
     log = JsonlMetrics(run_dir, resume_step=trainer.step)
     progress = Progress(cfg.optim.steps, trainer.step, every=cfg.tracking.log_every, enabled=cfg.tracking.progress)
@@ -61,6 +71,40 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, callbacks:
         if on_finish is not None:
             on_finish(tracker, summary)
         tracker.finish(status=status, checkpoint=summary.checkpoint)
+    for line in summary.lines():
+        print(line, file=out, flush=True)
+    return summary
+
+
+def _pretrain_records(cfg: Config, run_dir: str, mlflow: bool, start_step: int) -> list[Callback]:
+    """Built on the Ray Train controller (the driver's node): metrics.jsonl, progress lines, MLflow."""
+    records: list[Callback] = [JsonlMetrics(run_dir, resume_step=start_step),
+                               Progress(cfg.pretrain.steps, start_step, every=cfg.tracking.log_every,
+                                        enabled=cfg.tracking.progress)]
+    if mlflow:  # the run the driver opened (run_dir/mlflow_run_id); every report is one batch
+        records.append(MlflowRun(cfg, run_dir, resume=True, every=1))
+    return records
+
+
+def run_pretraining(cfg: Config, run_dir: Path, *, resume: bool = False, out=sys.stdout) -> PretrainSummary:
+    """Pretrain ``cfg`` on Ray Train into ``run_dir`` (from its latest checkpoint when ``resume``)."""
+    start = _start_run_dir(cfg, run_dir, resume)
+    tracker = (MlflowRun(cfg, run_dir, resume=resume, tags={"stage": "pretrain", "algorithm": "pretrain"})
+               if cfg.tracking.mlflow else None)
+    p = cfg.pretrain
+    print(f"run dir: {run_dir}  (pretrain from step {start}/{p.steps}, {cfg.data.source} train split, "
+          f"{p.num_workers} Ray Train worker(s))", file=out, flush=True)
+    if tracker is not None and tracker.run_id:
+        print(f"mlflow: run {tracker.run_id} in experiment {cfg.tracking.experiment!r} at {tracker.uri}",
+              file=out, flush=True)
+    records = partial(_pretrain_records, cfg, str(run_dir), bool(tracker and tracker.run_id))
+    status, summary = "FAILED", None
+    try:
+        summary = run_pretrain(cfg, run_dir, resume=resume, make_callbacks=records)
+        status = "FINISHED"
+    finally:
+        if tracker is not None:
+            tracker.finish(status=status, checkpoint=summary.checkpoint if summary else None)
     for line in summary.lines():
         print(line, file=out, flush=True)
     return summary
