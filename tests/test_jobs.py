@@ -70,10 +70,10 @@ def ray_head():
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _submit(head: dict, job_id: str, *args: str) -> subprocess.CompletedProcess:
+def _submit(head: dict, job_id: str, *args: str, script: str = "jobs/meta_train.py") -> subprocess.CompletedProcess:
     cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--submission-id", job_id,
            "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--",
-           sys.executable, "jobs/meta_train.py", *args]
+           sys.executable, script, *args]
     deadline = time.monotonic() + 90
     while True:
         out = subprocess.run(cmd, env=head["env"], capture_output=True, text=True, timeout=300)
@@ -112,3 +112,23 @@ def test_job_with_bad_config_fails_with_the_error_in_its_logs(ray_head, tmp_path
     logs = JobSubmissionClient(ray_head["address"]).get_job_logs("mtl-bad")
     assert "optim.outer_lr: got -1.0, expected a value > 0" in logs
     assert not (tmp_path / "run").exists()  # rejected before anything was written
+
+
+def test_pretrain_job_runs_ray_train_on_the_cluster(ray_head, omniglot_root, tmp_path):
+    """jobs/pretrain.py: a TorchTrainer with 2 workers inside a submitted job; its run dir feeds model.init."""
+    run_dir = tmp_path / "pretrain"
+    out = _submit(ray_head, "mtl-pretrain", "--config", "jobs/configs/omniglot_pretrain.yaml",
+                  f"data.root={omniglot_root}", "data.rotations=false", "model.channels=16", "pretrain.steps=20",
+                  "pretrain.batch_size=32", "pretrain.val_every=20", "tracking.log_every=10",
+                  "tracking.checkpoint_every=20", "tracking.progress=false", "--run-dir", str(run_dir),
+                  script="jobs/pretrain.py")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert _status(ray_head, "mtl-pretrain") == "SUCCEEDED"
+    assert "2 Ray Train worker(s)" in out.stdout and "pretrained to step 20" in out.stdout
+    ck = load_checkpoint(latest_checkpoint(run_dir))
+    assert (ck.stage, ck.step) == ("pretrain", 20)
+    bad = _submit(ray_head, "mtl-pretrain-bad", "--config", "jobs/configs/omniglot_pretrain.yaml",
+                  f"data.root={omniglot_root}", "pretrain.holdout=20", "--run-dir", str(tmp_path / "bad"),
+                  script="jobs/pretrain.py")
+    assert bad.returncode != 0 and _status(ray_head, "mtl-pretrain-bad") == "FAILED"
+    assert not (tmp_path / "bad").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -63,6 +64,19 @@ def test_pretraining_on_two_ray_train_workers_learns_and_checkpoints(pretrained)
     history = client.get_metric_history(run.info.run_id, M.PRETRAIN_LOSS)
     assert sorted(m.step for m in history) == [20, 40, 60, 80, 100, 120]
     assert "checkpoints" in [a.path for a in client.list_artifacts(run.info.run_id)]
+
+
+def test_resume_continues_from_the_run_dirs_checkpoint_like_an_uninterrupted_run(pretrained, tmp_path):
+    """--resume from the fixture's step-60 checkpoint reaches the fixture's step-120 weights."""
+    cfg, run_dir, summary = pretrained
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(run_dir / "checkpoints" / "step_00000060.pt", resumed / "checkpoints")
+    out = run_pretraining(cfg.replace(**{"tracking.mlflow": False}), resumed, resume=True)
+    want, got = load_checkpoint(summary.checkpoint), load_checkpoint(out.checkpoint)
+    assert got.step == 120
+    assert all(torch.allclose(got.params[k], v, atol=1e-5) for k, v in want.params.items())
+    assert [r["step"] for r in read_metrics(resumed)] == [80, 100, 120]
 
 
 def _meta_cfg(cfg, run_dir: Path, algorithm: str, **algo):
