@@ -79,6 +79,23 @@ def ray_cluster():
         cluster.shutdown()
 
 
+@pytest.fixture
+def pretrained_stub() -> Callable[[Config, Path], str]:
+    """``make(cfg, dir)`` -> a pretraining checkpoint in ``dir`` whose shapes fit ``cfg``'s model (fresh weights,
+    nothing trained): what configs with ``model.init`` need to validate."""
+    from mtl_ray.algorithms import TaskShape
+    from mtl_ray.distributed.checkpoint import Checkpoint, save_checkpoint
+    from mtl_ray.models import build_model, initial_params
+
+    def make(cfg: Config, where: Path) -> str:
+        shape = TaskShape("classification", (1, cfg.data.image_size, cfg.data.image_size), 652)
+        params = initial_params(build_model(cfg, shape.x_shape, shape.ways), 0)
+        return save_checkpoint(where, Checkpoint(step=1, params=params, optimizer={}, config=cfg, shape=shape,
+                                                 stage="pretrain"))
+
+    return make
+
+
 def free_port() -> int:
     import socket
 

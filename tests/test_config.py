@@ -11,26 +11,14 @@ CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "jobs" / "con
                  if not p.name.startswith("sweep_"))  # sweeps: tests/tune/test_spec.py
 
 
-def _pretrained_checkpoint(cfg, tmp_path: Path) -> str:
-    """A pretraining checkpoint of the right shapes for ``cfg``'s model (fresh weights; nothing trained)."""
-    from mtl_ray.algorithms import TaskShape
-    from mtl_ray.distributed.checkpoint import Checkpoint, save_checkpoint
-    from mtl_ray.models import build_model, initial_params
-
-    shape = TaskShape("classification", (1, cfg.data.image_size, cfg.data.image_size), 652)
-    params = initial_params(build_model(cfg, shape.x_shape, shape.ways), 0)
-    return save_checkpoint(tmp_path, Checkpoint(step=1, params=params, optimizer={}, config=cfg, shape=shape,
-                                                stage="pretrain"))
-
-
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_validates(path, shared_data, tmp_path):
+def test_every_shipped_config_validates(path, shared_data, tmp_path, pretrained_stub):
     overrides = [f"data.root={shared_data}"]
     init = load_config(path, overrides).model.init
     if init:  # meta-transfer configs name a pretraining run that does not exist yet: say how to make it
         with pytest.raises(ConfigError, match=r"model.init: .*no such checkpoint.*mtl-ray pretrain"):
             validate(str(path), [*overrides, f"model.init={tmp_path / 'absent'}"])
-        overrides.append(f"model.init={_pretrained_checkpoint(load_config(path, overrides), tmp_path)}")
+        overrides.append(f"model.init={pretrained_stub(load_config(path, overrides), tmp_path)}")
     cfg = validate(str(path), overrides)
     assert cfg.name == path.stem
 
