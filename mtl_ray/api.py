@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl_ray.algorithms import FunctionalAlgorithm, Learner, Params, TaskShape, build_learner, uses_head
+from mtl_ray.algorithms import FunctionalAlgorithm, Learner, Params, TaskShape, build_learner, linear_probe, uses_head
 from mtl_ray.config import Config, UserError
 from mtl_ray.data.base import to_float_images
 from mtl_ray.data.imagetable import IMAGE_SUFFIXES, decode_image
@@ -32,6 +32,7 @@ class AdaptedLearner:
 
     learner: FewShotLearner
     algorithm: FunctionalAlgorithm
+    params: Params  # the meta-parameters adapted from (a pretrained body gets a zero head per way count)
     state: dict[str, torch.Tensor]
     classes: tuple[Any, ...]
 
@@ -40,7 +41,7 @@ class AdaptedLearner:
         lrn = self.learner
         x = lrn._check_x(query_x, "query_x")
         with torch.no_grad():
-            return self.algorithm.predict(lrn.params, self.state, x)
+            return self.algorithm.predict(self.params, self.state, x)
 
     def predict(self, query_x: torch.Tensor) -> list[Any] | torch.Tensor:
         """Predicted support labels per query (classification) or predicted values ``[Q, 1]``."""
@@ -54,24 +55,35 @@ class AdaptedLearner:
 
 
 class FewShotLearner:
-    def __init__(self, cfg: Config, params: Params, shape: TaskShape, *, device: str = "cpu", invert: bool = False):
+    """A trained meta-learner, or a pretrained body (``pretrained=True``: a linear head is fine-tuned on each
+    support set, as ``mtl-ray eval`` scores a ``mtl-ray pretrain`` run)."""
+
+    def __init__(self, cfg: Config, params: Params, shape: TaskShape, *, device: str = "cpu", invert: bool = False,
+                 pretrained: bool = False):
         self.cfg = cfg
+        self.pretrained = pretrained
         self.shape = shape
         self.device = torch.device(device)
         self.params = {k: v.to(self.device) for k, v in params.items()}
         self.invert = invert
-        self._learners: dict[int, Learner] = {}
+        self._learners: dict[int, tuple[Learner, Params]] = {}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", invert: bool = False) -> FewShotLearner:
         """``invert=True`` for dark-ink-on-light images (e.g. scans) when trained on Omniglot (ink high)."""
         ck = load_checkpoint(path)
-        return cls(ck.config, ck.params, ck.shape, device=device, invert=invert)
+        return cls(ck.config, ck.params, ck.shape, device=device, invert=invert, pretrained=ck.stage == "pretrain")
 
-    def _learner(self, ways: int) -> Learner:
+    def _learner(self, ways: int) -> tuple[Learner, Params]:
+        """The learner for ``ways`` classes and the meta-parameters it adapts from."""
         if ways not in self._learners:
             shape = TaskShape(self.shape.kind, self.shape.x_shape, ways)
-            self._learners[ways] = build_learner(self.cfg, shape=shape)
+            if self.pretrained:
+                cfg, params = linear_probe(self.cfg, self.params, shape)
+                self._learners[ways] = (build_learner(cfg, shape=shape),
+                                        {k: v.to(self.device) for k, v in params.items()})
+            else:
+                self._learners[ways] = (build_learner(self.cfg, shape=shape), self.params)
         return self._learners[ways]
 
     def _check_x(self, x: torch.Tensor, what: str) -> torch.Tensor:
@@ -96,16 +108,17 @@ class FewShotLearner:
                 raise UserError(f"support_y: got {len(labels)} labels, expected one per support example ({x.shape[0]})")
             classes = tuple(sorted(set(labels), key=str))
             ways = len(classes)
-            if uses_head(self.cfg.algorithm.name) and ways != self.shape.ways:
+            if uses_head(self.cfg.algorithm.name) and ways != self.shape.ways and not self.pretrained:
                 raise UserError(f"support set: got {ways} classes, expected {self.shape.ways} (this "
                                 f"{self.cfg.algorithm.name} model has a {self.shape.ways}-way head)")
             index = {c: i for i, c in enumerate(classes)}
             y = torch.tensor([index[v] for v in labels], dtype=torch.long, device=self.device)
-        steps = self.cfg.eval_inner_steps if steps is None else steps
-        algorithm = self._learner(ways).algorithm
+        learner, params = self._learner(ways)
+        steps = (self.cfg.pretrain.probe_steps if self.pretrained else self.cfg.eval_inner_steps) if steps is None \
+            else steps
         with torch.no_grad():
-            state = algorithm.adapt(self.params, x, y, steps)
-        return AdaptedLearner(self, algorithm, state, classes)
+            state = learner.algorithm.adapt(params, x, y, steps)
+        return AdaptedLearner(self, learner.algorithm, params, state, classes)
 
     def load_images(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """Image files -> ``[M, C, S, S]`` floats, preprocessed as in training."""

@@ -189,3 +189,23 @@ def test_a_killed_worker_is_recovered_from_the_latest_checkpoint(ray_cluster, om
     assert load_checkpoint(summary.checkpoint).step == 160
     steps = [r["step"] for r in read_metrics(run_dir)]
     assert steps == list(range(20, 161, 20))  # every report once, though the steps after 60 were trained twice
+
+
+def test_the_python_api_adapts_a_pretrained_body_to_any_number_of_classes(pretrained):
+    """FewShotLearner on a pretraining run: a linear head per support set, for 3 or 4 classes alike."""
+    from mtl_ray.api import FewShotLearner
+    from mtl_ray.data import load_pools
+    from mtl_ray.data.base import to_float_images
+
+    cfg, run_dir, _ = pretrained
+    learner = FewShotLearner.from_checkpoint(run_dir)
+    pool = load_pools(cfg.replace(**{"data.source": "digits"})).pools["test"]
+    for names in (["0", "1", "7"], ["2", "3", "5", "8"]):
+        imgs = {n: pool.images[pool.names.index(n)] for n in names}
+        support = torch.cat([to_float_images(imgs[n][:5]) for n in names])
+        adapted = learner.adapt(support, [n for n in names for _ in range(5)])
+        assert adapted.params["head.weight"].shape == (len(names), 32)
+        queries = torch.cat([to_float_images(imgs[n][5:25]) for n in names])
+        truth = [n for n in names for _ in range(20)]
+        acc = sum(p == n for p, n in zip(adapted.predict(queries), truth, strict=True)) / len(truth)
+        assert acc > 1.5 / len(names), (names, acc)  # well above chance
