@@ -330,6 +330,19 @@ def read_yaml(path: str | Path, what: str, example: str) -> Any:
         raise ConfigError([f"{what} {str(p)!r} is not valid YAML: {e}"]) from None
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """``cfg`` with its relative local paths (``model.init``, ``data.root``, ``data.path`` when it exists here)
+    made absolute against the current directory: for processes that run elsewhere, e.g. Tune trials, which
+    start in their own trial directory."""
+    changes: dict[str, str] = {}
+    for key, value, must_exist in (("model.init", cfg.model.init, False), ("data.root", cfg.data.root, False),
+                                   ("data.path", cfg.data.path, True)):
+        p = Path(value).expanduser()
+        if value and "://" not in value and not p.is_absolute() and (p.exists() or not must_exist):
+            changes[key] = str(p.absolute())
+    return cfg.replace(**changes) if changes else cfg
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
     raw: Any = {}

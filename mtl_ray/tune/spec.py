@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from mtl_ray import metrics as M
-from mtl_ray.config import Config, ConfigError, load_config, read_yaml
+from mtl_ray.config import Config, ConfigError, load_config, read_yaml, with_absolute_paths
 
 DOMAINS = ("loguniform", "uniform", "randint", "choice", "grid")
 SEARCHES = ("random", "grid", "optuna")
@@ -87,7 +87,7 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
     else:
         base_path = Path(base_ref) if Path(base_ref).is_absolute() else p.parent / base_ref
         try:
-            base = load_config(base_path, all_overrides)
+            base = with_absolute_paths(load_config(base_path, all_overrides))  # trials run in their own dirs
         except ConfigError as e:
             problems += [f"sweep.base ({base_path.name}): {q}" for q in e.problems]
 

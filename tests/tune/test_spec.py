@@ -58,3 +58,19 @@ def test_trial_config_applies_sampled_values_and_overrides(tmp_path):
     assert spec.base.optim.steps == 50 and spec.space["algorithm.inner_steps"].values == (1, 2)
     cfg = trial_config(spec, {"algorithm.inner_lr": 0.05, "algorithm.inner_steps": 2, "ignored": 1})
     assert cfg.algorithm.inner_lr == 0.05 and cfg.algorithm.inner_steps == 2 and cfg.optim.steps == 50
+
+
+def test_relative_paths_are_made_absolute_for_trials_that_start_in_their_own_dirs(tmp_path, monkeypatch):
+    """A trial's working directory is its trial dir: ``model.init=runs/pretrain`` must not depend on it."""
+    (tmp_path / "tables").mkdir()
+    (tmp_path / "tables" / "t.parquet").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    spec = load_sweep(_write(tmp_path, space={"algorithm.inner_lr": {"choice": [0.1]}}),
+                      ["model.init=runs/pretrain", "data.root=data", "data.path=tables/t.parquet"])
+    assert spec.base.model.init == str(tmp_path / "runs" / "pretrain")
+    assert spec.base.data.root == str(tmp_path / "data")
+    assert spec.base.data.path == str(tmp_path / "tables" / "t.parquet")
+    kept = load_sweep(_write(tmp_path, space={"algorithm.inner_lr": {"choice": [0.1]}}),
+                      ["model.init=s3://bucket/pretrain", "data.path=only_under_the_data_root.parquet"])
+    assert kept.base.model.init == "s3://bucket/pretrain"  # URIs and data-root-relative tables stay as given
+    assert kept.base.data.path == "only_under_the_data_root.parquet"
