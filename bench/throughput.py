@@ -91,11 +91,12 @@ def summary(times: list[float], tasks: int) -> dict[str, Any]:
 # --------------------------------------------------------------------------- setups
 
 
-def sinusoid_config(*, inner_steps: int = 1, first_order: bool = False) -> Config:
+def sinusoid_config(*, inner_steps: int = 1, first_order: bool = False, compile: bool = False) -> Config:
     return from_dict({
         "data": {"source": "sinusoid", "shots": 10, "queries": 10},
         "model": {"name": "mlp", "hidden_sizes": [40, 40]},
-        "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": inner_steps, "first_order": first_order},
+        "algorithm": {"name": "maml", "inner_lr": 0.01, "inner_steps": inner_steps, "first_order": first_order,
+                      "compile": compile},
         "optim": {"meta_batch_size": SINUSOID_TASKS},
     })
 
@@ -235,8 +236,28 @@ def bench_sinusoid(args: argparse.Namespace) -> dict[str, Any]:
     vec, loop = vectorised_for(setup), loop_for(setup)
     r_vec = summary(measure(lambda: vec(setup.params, setup.batch), args.repeats_fast), SINUSOID_TASKS)
     r_loop = summary(measure(lambda: loop(setup.params, setup.batch), args.repeats), SINUSOID_TASKS)
-    return {"check_rel_err": err, "vectorised": r_vec, "loop": r_loop,
-            "ratio": r_vec["tasks_per_s"] / r_loop["tasks_per_s"]}
+    out = {"check_rel_err": err, "vectorised": r_vec, "loop": r_loop,
+           "ratio": r_vec["tasks_per_s"] / r_loop["tasks_per_s"]}
+    # algorithm.compile=true: torch.compile'd vmap(grad), checked against eager on its first call. For a fair
+    # pairing the loop is compiled too (torch.compile of the per-task loop; dynamo may split it into graphs).
+    compiled = sinusoid_setup(compile=True)
+    cvec = vectorised_for(compiled)
+    t0 = time.perf_counter()
+    cvec(compiled.params, compiled.batch)
+    out["compile_s"] = time.perf_counter() - t0
+    out["vectorised_compiled"] = summary(measure(lambda: cvec(compiled.params, compiled.batch), args.repeats_fast),
+                                         SINUSOID_TASKS)
+    out["ratio_compiled"] = out["vectorised_compiled"]["tasks_per_s"] / r_loop["tasks_per_s"]
+    try:
+        cloop = torch.compile(loop)
+        cloop(setup.params, setup.batch)
+        out["loop_compiled"] = summary(measure(lambda: cloop(setup.params, setup.batch), args.repeats),
+                                       SINUSOID_TASKS)
+        out["ratio_compiled_vs_compiled_loop"] = (out["vectorised_compiled"]["tasks_per_s"]
+                                                  / out["loop_compiled"]["tasks_per_s"])
+    except Exception as e:  # report, do not hide: the compiled loop is a reference, not a product path
+        out["loop_compiled_error"] = f"{e.__class__.__name__}: {str(e)[:200]}"
+    return out
 
 
 def conv_cases(quick: bool, all_cases: bool) -> list[tuple[int, int, bool]]:
@@ -401,6 +422,14 @@ def print_tables(res: dict[str, Any]) -> None:
         print("sinusoid MLP 1-40-40-1, meta-batch 25, K=10, MAML 2nd order, 1 inner step")
         print(f"  vectorised {s['vectorised']['tasks_per_s']:9.0f}   loop {s['loop']['tasks_per_s']:7.0f}   "
               f"ratio {s['ratio']:.1f}x (target >= 8x)")
+        if "vectorised_compiled" in s:
+            print(f"  vectorised, algorithm.compile=true {s['vectorised_compiled']['tasks_per_s']:9.0f}   "
+                  f"ratio vs eager loop {s['ratio_compiled']:.1f}x   (compile {s['compile_s']:.1f}s)")
+            if "loop_compiled" in s:
+                print(f"  loop, torch.compile {s['loop_compiled']['tasks_per_s']:9.0f}   "
+                      f"compiled vectorised / compiled loop {s['ratio_compiled_vs_compiled_loop']:.1f}x")
+            else:
+                print(f"  loop, torch.compile: failed ({s['loop_compiled_error']})")
     if "conv4" in res:
         r0 = res["conv4"]["rows"][0] if res["conv4"]["rows"] else {}
         print(f"Conv4 Omniglot 5-way 1-shot, meta-batch {r0.get('meta_batch', CONV_TASKS)} on "

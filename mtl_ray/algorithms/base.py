@@ -31,6 +31,13 @@ State = dict[str, torch.Tensor]
 
 EXTRA_PREFIX = "meta."  # non-model meta-parameters, e.g. Meta-SGD's learned inner rates
 
+COMPILE_RTOL = 1e-3  # compiled vs eager meta-gradient, relative per tensor (float32 reassociation is ~1e-6)
+
+
+class CompileMismatchError(RuntimeError):
+    pass
+
+
 # Metric keys inside a ShardResult / evaluate() result: sums over tasks (divide by num_tasks).
 LOSS = "loss"
 ACC = "acc"
@@ -105,13 +112,17 @@ class FunctionalAlgorithm:
     name = "base"
 
     def __init__(self, model: nn.Module, *, kind: TaskKind, inner_lr: float = 0.0, inner_steps: int = 0,
-                 first_order: bool = False, chunk_size: int = 0):
+                 first_order: bool = False, chunk_size: int = 0, compile: bool = False):
         self.model = model
         self.kind: TaskKind = kind
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
         self.first_order = bool(first_order)
         self.chunk_size = int(chunk_size)
+        self.compile = bool(compile)
+        self._eager: Callable | None = None
+        self._compiled: Callable | None = None
+        self._verified: set[tuple] = set()  # input shapes whose compiled meta-gradient matched the eager one
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The per-task loss of outputs ``out`` against targets ``y`` (mean over query examples)."""
@@ -146,32 +157,62 @@ class FunctionalAlgorithm:
         return loss, task_metrics(self.kind, out, qy, loss)
 
     # ---------------------------------------------------------------- batched entry points
-    def meta_gradient(self, params: Params, batch: TaskBatch) -> ShardResult:
-        """Sum over tasks of ``d loss_query(adapt(params, support)) / d params`` (vectorised).
-
-        Frozen entries (:meth:`is_frozen`) are inputs, not variables: they get no gradient.
-        """
+    def _eager_chunk_grad(self) -> Callable:
+        """``(params, fixed, sx, sy, qx, qy) -> (d sum of task losses / d params, metrics)`` for one chunk."""
         steps = self.inner_steps
-        fixed = {k: v for k, v in params.items() if self.is_frozen(k)}
-        params = {k: v for k, v in params.items() if k not in fixed}
 
         def objective(p: Params, sx, sy, qx, qy):
             return self.task_objective(p, sx, sy, qx, qy, steps)
 
         per_task = vmap(objective, in_dims=(None, 0, 0, 0, 0))
 
-        def chunk_loss(p: Params, sx, sy, qx, qy):
+        def chunk_loss(p: Params, fixed: Params, sx, sy, qx, qy):
             # d(sum of task losses)/d params is the sum of the per-task meta-gradients: one backward
             # through the vmapped tasks instead of per-task gradients that are then summed.
             losses, metrics = per_task({**fixed, **p}, sx, sy, qx, qy)
             return losses.sum(), metrics
 
-        chunk_grad = grad(chunk_loss, has_aux=True)
+        return grad(chunk_loss, has_aux=True)
+
+    def chunk_grad(self, params: Params, fixed: Params, *task: torch.Tensor) -> tuple[Params, dict]:
+        """One chunk's summed meta-gradient; with ``compile`` through ``torch.compile`` (TorchInductor).
+
+        Compiling removes the per-op dispatch that dominates small models (the sinusoid MLP), but
+        torch 2.13 compiles some second-order graphs wrongly (measured: Conv4 MAML's meta-gradient off
+        by 2x relative). So the first call for each input shape also runs eagerly and a mismatch is
+        an error, never a silently wrong gradient.
+        """
+        if self._eager is None:
+            self._eager = self._eager_chunk_grad()
+            self._compiled = torch.compile(self._eager, dynamic=False) if self.compile else None
+        if self._compiled is None:
+            return self._eager(params, fixed, *task)
+        out = self._compiled(params, fixed, *task)
+        key = tuple(tuple(t.shape) for t in task)
+        if key not in self._verified:
+            want = self._eager(params, fixed, *task)[0]
+            err = max(float((out[0][k] - want[k]).norm() / (want[k].norm() + 1e-12)) for k in want)
+            if not err <= COMPILE_RTOL:
+                raise CompileMismatchError(
+                    f"algorithm.compile: the compiled meta-gradient of {self.name} on task shapes {key} differs "
+                    f"from the eager one by {err:.3g} (relative), expected <= {COMPILE_RTOL:g}; torch.compile "
+                    "mis-compiles this model: set algorithm.compile=false")
+            self._verified.add(key)
+        return out
+
+    def meta_gradient(self, params: Params, batch: TaskBatch) -> ShardResult:
+        """Sum over tasks of ``d loss_query(adapt(params, support)) / d params`` (vectorised).
+
+        Frozen entries (:meth:`is_frozen`) are inputs, not variables: they get no gradient.
+        """
+        fixed = {k: v for k, v in params.items() if self.is_frozen(k)}
+        params = {k: v for k, v in params.items() if k not in fixed}
         total: Params | None = None
         sums: dict[str, float] = {}
         for start, stop in chunks(batch.num_tasks, self.chunk_size):
             part = batch.slice(start, stop)
-            grads, metrics = chunk_grad(params, part.support_x, part.support_y, part.query_x, part.query_y)
+            grads, metrics = self.chunk_grad(params, fixed, part.support_x, part.support_y, part.query_x,
+                                             part.query_y)
             total = add_into(total, grads)
             _accumulate(sums, metrics)
         assert total is not None, "meta_gradient needs at least one task"
