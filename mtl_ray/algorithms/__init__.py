@@ -99,14 +99,20 @@ def build_learner(cfg: Config, source: TaskSource | None = None, shape: TaskShap
 
 
 def initial_meta_params(cfg: Config, learner: Learner, init: Params | None = None) -> Params:
-    """The meta-parameters at step 0: model weights seeded by ``cfg.seed``, with the entries of ``init``
-    (e.g. a pretrained body) in place of theirs, plus algorithm extras."""
+    """The meta-parameters at step 0: model weights seeded by ``cfg.seed`` plus algorithm extras.
+
+    ``init`` (a pretrained body) replaces the body's entries, and then the head starts at zero: every
+    class starts equal, and one inner step on a support set already gives a prototype-like classifier
+    over the pretrained features instead of undoing a random head.
+    """
     params = initial_params(learner.model, cfg.seed)
     for k, v in (init or {}).items():
         if k not in params or params[k].shape != v.shape:
             got = "missing" if k not in params else tuple(params[k].shape)
             raise ValueError(f"initial weights {k!r}: shape {tuple(v.shape)}, the model has {got}")
         params[k] = v.detach().clone().to(params[k].dtype)
+    if init:
+        params = {k: torch.zeros_like(v) if k.startswith(HEAD_PREFIX) else v for k, v in params.items()}
     return learner.algorithm.init_params(params)
 
 
@@ -123,5 +129,4 @@ def linear_probe(cfg: Config, params: Params, shape: TaskShape) -> tuple[Config,
                            "model.init": ""})
     learner = build_learner(probe, shape=shape)
     body = {k: v for k, v in params.items() if k.startswith(BODY_PREFIX)}
-    out = initial_meta_params(probe, learner, init=body)
-    return probe, {k: torch.zeros_like(v) if k.startswith(HEAD_PREFIX) else v for k, v in out.items()}
+    return probe, initial_meta_params(probe, learner, init=body)  # with a body given, the head starts at zero

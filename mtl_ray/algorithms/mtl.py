@@ -41,8 +41,8 @@ class MTL(ANIL):
         self.layers = modulated_layers(model)
 
     def init_params(self, model_params: Params) -> Params:
-        # The head starts at zero: every class starts equal (no arbitrary class order to undo) and step 0 is
-        # exactly the pretrain-only linear probe (:func:`mtl_ray.algorithms.linear_probe`), which MTL improves on.
+        # The head starts at zero (as for every algorithm started from a pretrained body, and here even without
+        # one): step 0 is then exactly the pretrain-only linear probe (:func:`mtl_ray.algorithms.linear_probe`).
         out = {k: torch.zeros_like(v) if k.startswith(HEAD_PREFIX) else v for k, v in model_params.items()}
         for layer in self.layers:
             channels = model_params[f"{layer}.weight"].shape[0]

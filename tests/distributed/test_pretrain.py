@@ -91,7 +91,9 @@ def test_full_mode_starts_meta_training_from_the_pretrained_body(pretrained, tmp
     meta = check_config(_meta_cfg(cfg, run_dir, "metasgd", inner_lr=0.1))
     trainer = MetaTrainer.create(meta, tmp_path, executor=LocalExecutor(meta))
     assert all(torch.equal(trainer.params[k], v) for k, v in body.items())
-    assert trainer.params["head.weight"].shape == (5, 32)  # a fresh 5-way head, not the 652-way one
+    assert trainer.params["head.weight"].shape == (5, 32)  # a fresh 5-way head, not the pretraining one
+    assert not trainer.params["head.weight"].any() and not trainer.params["head.bias"].any()  # starting at zero
+    assert torch.equal(trainer.params["meta.lr.head.weight"], torch.full((5, 32), 0.1))  # Meta-SGD's rates
     trainer.fit()
     assert not torch.equal(trainer.params["body.0.conv.weight"], body["body.0.conv.weight"])  # fine-tuned
 
