@@ -211,3 +211,35 @@ def test_the_python_api_adapts_a_pretrained_body_to_any_number_of_classes(pretra
         truth = [n for n in names for _ in range(20)]
         acc = sum(p == n for p, n in zip(adapted.predict(queries), truth, strict=True)) / len(truth)
         assert acc > 1.5 / len(names), (names, acc)  # well above chance
+
+
+def test_cli_pretrain_rejects_a_bad_config_before_ray_starts(omniglot_root, tmp_path):
+    proc = cli("pretrain", "jobs/configs/omniglot_pretrain.yaml", "pretrain.holdout=20", "pretrain.batch_size=7",
+               "--run-dir", str(tmp_path / "run"), env_root=omniglot_root, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "pretrain.batch_size: got 7, expected a multiple of pretrain.num_workers=2" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    proc = cli("pretrain", "jobs/configs/omniglot_pretrain.yaml", "pretrain.holdout=20", "--run-dir",
+               str(tmp_path / "run"), env_root=omniglot_root, check=False)
+    assert proc.returncode == 2 and "pretrain.holdout: got 20, expected < 20" in proc.stderr
+
+
+def test_cross_domain_eval_on_a_users_parquet_table(pretrained, omniglot_root, tmp_path):
+    """Any image folder a user converts: here 5 digit classes written as PNGs, then `mtl-ray data convert`."""
+    from PIL import Image
+
+    from mtl_ray.data import load_pools
+
+    _, run_dir, _ = pretrained
+    pool = load_pools(from_dict({"data": {"source": "digits"}})).pools["test"]
+    for name, images in list(zip(pool.names, pool.images, strict=True))[:5]:
+        (tmp_path / "imgs" / f"digit_{name}").mkdir(parents=True)
+        for i, img in enumerate(images[:8]):
+            Image.fromarray(img[0]).save(tmp_path / "imgs" / f"digit_{name}" / f"{i}.png")
+    table = tmp_path / "digits.parquet"
+    cli("data", "convert", str(tmp_path / "imgs"), str(table), env_root=omniglot_root)
+    out = cli("eval", str(run_dir), "data.source=parquet", f"data.path={table}", "data.shots=1", "data.queries=5",
+              "--split", "all", "--episodes", "60", env_root=omniglot_root).stdout
+    assert "parquet/all: 60 episodes, 5-way 1-shot" in out
+    acc, half = _accuracy(out)
+    assert acc - half > 25.0
