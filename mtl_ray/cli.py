@@ -141,7 +141,7 @@ def evaluate(ckpt_path: str, *, overrides: Sequence[str], split: str, episodes: 
         raise ConfigError(problems)
     executor = LocalExecutor(cfg)
     check_params(executor.worker.learner, params, f"checkpoint {ckpt_path}")
-    per_task = evaluate_tasks(executor, params, split, episodes, steps)
+    per_task = evaluate_tasks(executor, params, split, episodes, steps, max_shard_tasks=cfg.optim.meta_batch_size)
     d = cfg.data
     task = "regression" if cfg.data.source == "sinusoid" else f"{d.ways}-way {d.shots}-shot"
     print(f"meta-test on {d.source}/{split}: {episodes} episodes, {task}, {steps} inner steps, step {ck.step} "

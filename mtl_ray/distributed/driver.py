@@ -147,7 +147,7 @@ class MetaTrainer:
     def validate(self) -> dict[str, float]:
         """Mean metrics on ``optim.val_tasks`` fixed validation tasks (the same tasks every time)."""
         per_task = evaluate_tasks(self.executor, self.params, "val", self.cfg.optim.val_tasks,
-                                  self.cfg.eval_inner_steps)
+                                  self.cfg.eval_inner_steps, max_shard_tasks=self.cfg.optim.meta_batch_size)
         self.last_val = {f"meta_val/{k}": float(v.mean()) for k, v in per_task.items()}
         return self.last_val
 

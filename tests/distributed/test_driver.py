@@ -126,3 +126,30 @@ def test_checkpoints_to_a_pyarrow_uri_and_resume_from_it(tmp_path):
         assert torch.equal(whole.params[k], resumed.params[k])
     with pytest.raises(CheckpointError, match=r"pyarrow\.fs cannot open it"):
         load_checkpoint("nosuchscheme://bucket/x.pt")
+
+
+class _RecordingExecutor(LocalExecutor):
+    """The in-process executor, remembering the size of every evaluation shard it was given."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.sizes: list[int] = []
+
+    def evaluate(self, params, split, step, shards, inner_steps):
+        self.sizes += [len(s) for s in shards]
+        return super().evaluate(params, split, step, shards, inner_steps)
+
+
+def test_evaluation_shards_are_bounded_and_do_not_change_any_result():
+    """600 episodes at once ran a 24 GB machine out of memory; pieces of a meta-batch give the same numbers."""
+    from mtl_ray.algorithms import build_learner, initial_meta_params
+    from mtl_ray.distributed.evaluate import evaluate_tasks
+
+    cfg = from_dict({"data": {"source": "sinusoid"}, "model": {"name": "mlp"}, "algorithm": {"inner_steps": 2, "inner_lr": 0.01},
+                     "optim": {"meta_batch_size": 16}})
+    params = initial_meta_params(cfg, build_learner(cfg))
+    whole, pieces = _RecordingExecutor(cfg), _RecordingExecutor(cfg)
+    a = evaluate_tasks(whole, params, "test", 50, 2)
+    b = evaluate_tasks(pieces, params, "test", 50, 2, max_shard_tasks=16)
+    assert whole.sizes == [50] and pieces.sizes == [16, 16, 16, 2]
+    assert torch.allclose(a["loss"], b["loss"], rtol=1e-5)  # batched matmuls may round differently
