@@ -52,13 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work-dir", type=Path, default=ROOT / "bench" / "out" / "transfer", help="run directories")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "transfer.json")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "transfer.md")
+    p.add_argument("--reuse", type=Path, default=None,
+                   help="an earlier run's work dir: reuse its finished runs and evaluations, do the missing ones")
     args = p.parse_args(argv)
 
     env = dict(os.environ)
     data_dir = args.data_dir or env.get("MTL_RAY_DATA_DIR") or str(ROOT.parent / "shared" / "data")
     env["MTL_RAY_DATA_DIR"] = str(Path(data_dir).resolve())
     cli = [sys.executable, "-m", "mtl_ray.cli"]
-    work = args.work_dir / time.strftime("%Y%m%d-%H%M%S")
+    work = args.reuse or args.work_dir / time.strftime("%Y%m%d-%H%M%S")
     quiet = ["tracking.progress=false"]
 
     def train(name: str, command: str, config: str, steps: int, *extra: str) -> dict:
@@ -67,12 +69,13 @@ def main(argv: list[str] | None = None) -> int:
         budget = (f"pretrain.steps={steps} pretrain.max_minutes=0" if command == "pretrain"
                   else f"optim.steps={steps} optim.max_minutes=0").split()
         cmd = [*cli, command, str(CONFIGS / config), *budget, *quiet, *extra, "--run-dir", str(run_dir)]
-        t0 = time.perf_counter()
-        out = run(cmd, env, run_dir / f"{command}.log")
+        log = run_dir / f"{command}.log"
+        out = log.read_text() if args.reuse and log.is_file() else run(cmd, env, log)
         steps = re.search(r"(?:pretrained to step |steps: )(\d+)", out)
+        secs = re.search(r"(?:time: |in )([\d.]+)s", out)  # the run's own training time, from its summary
         return {"run_dir": str(run_dir), "config": f"jobs/configs/{config}",
                 "overrides": [*budget, *extra], "steps": int(steps.group(1)) if steps else None,
-                "train_s": time.perf_counter() - t0}
+                "train_s": float(secs.group(1)) if secs else float("nan")}
 
     methods: dict[str, dict] = {}
     methods["MAML from scratch"] = train("maml", "train", "omniglot_maml.yaml", args.scratch_steps)
@@ -87,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         m["eval"] = {}
         for column, overrides in EVALS.items():
             cmd = [*cli, "eval", m["run_dir"], "--episodes", str(args.episodes), *overrides]
-            out = run(cmd, env, Path(m["run_dir"]) / f"eval-{len(m['eval'])}.log")
+            log = Path(m["run_dir"]) / f"eval-{len(m['eval'])}.log"
+            out = log.read_text() if args.reuse and log.is_file() else run(cmd, env, log)
             mean, half = (float(v) for v in ACC.search(out).groups())
             m["eval"][column] = {"acc_pct": mean, "ci95_pct": half, "command": " ".join(["mtl-ray", *cmd[3:]])}
             print(f"{name} | {column}: {mean:.2f}% ± {half:.2f}%", flush=True)

@@ -145,8 +145,8 @@ def test_evaluation_shards_are_bounded_and_do_not_change_any_result():
     from mtl_ray.algorithms import build_learner, initial_meta_params
     from mtl_ray.distributed.evaluate import evaluate_tasks
 
-    cfg = from_dict({"data": {"source": "sinusoid"}, "model": {"name": "mlp"}, "algorithm": {"inner_steps": 2, "inner_lr": 0.01},
-                     "optim": {"meta_batch_size": 16}})
+    cfg = from_dict({"data": {"source": "sinusoid"}, "model": {"name": "mlp"},
+                     "algorithm": {"inner_steps": 2, "inner_lr": 0.01}, "optim": {"meta_batch_size": 16}})
     params = initial_meta_params(cfg, build_learner(cfg))
     whole, pieces = _RecordingExecutor(cfg), _RecordingExecutor(cfg)
     a = evaluate_tasks(whole, params, "test", 50, 2)
