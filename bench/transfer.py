@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     init = f"model.init={pre['run_dir']}"
     methods["pretrain + Meta-SGD (all weights)"] = train("metasgd", "train", "omniglot_metasgd_pretrained.yaml",
                                                          args.meta_steps, init)
-    methods["pretrain + MTL (frozen body, scale/shift + head)"] = train("mtl", "train", "omniglot_mtl.yaml",
+    methods["pretrain + MTL (frozen body; scale/shift learned)"] = train("mtl", "train", "omniglot_mtl.yaml",
                                                                        args.meta_steps, init)
     for name, m in methods.items():
         m["eval"] = {}
