@@ -244,3 +244,19 @@ def test_cross_domain_eval_on_a_users_parquet_table(pretrained, omniglot_root, t
     assert "parquet/all: 60 episodes, 5-way 1-shot" in out
     acc, half = _accuracy(out)
     assert acc - half > 25.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_pretraining_on_a_gpu_worker(ray_cluster, omniglot_root, tmp_path):
+    """scaling.gpus_per_worker > 0: the Ray Train worker trains on its GPU and checkpoints CPU tensors."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("the session's Ray cluster has no GPU resource")
+    run_dir = tmp_path / "run"
+    cfg = _pretrain_cfg(omniglot_root, run_dir, num_workers=1, steps=20).replace(
+        **{"scaling.gpus_per_worker": 1.0, "tracking.mlflow": False, "tracking.checkpoint_every": 20})
+    summary = run_pretraining(cfg, run_dir)
+    ck = load_checkpoint(summary.checkpoint)
+    assert ck.step == 20 and all(v.device.type == "cpu" for v in ck.params.values())
