@@ -21,7 +21,7 @@ from mtl_ray.algorithms import FunctionalAlgorithm, Learner, Params, TaskShape, 
 from mtl_ray.config import Config, UserError
 from mtl_ray.data.base import to_float_images
 from mtl_ray.data.imagetable import IMAGE_SUFFIXES, decode_image
-from mtl_ray.distributed.checkpoint import load_checkpoint
+from mtl_ray.distributed.checkpoint import PRETRAIN_STAGE, load_checkpoint
 
 __all__ = ["AdaptedLearner", "FewShotLearner"]
 
@@ -62,6 +62,7 @@ class FewShotLearner:
                  pretrained: bool = False):
         self.cfg = cfg
         self.pretrained = pretrained
+        self.default_steps = cfg.pretrain.probe_steps if pretrained else cfg.eval_inner_steps
         self.shape = shape
         self.device = torch.device(device)
         self.params = {k: v.to(self.device) for k, v in params.items()}
@@ -72,7 +73,8 @@ class FewShotLearner:
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", invert: bool = False) -> FewShotLearner:
         """``invert=True`` for dark-ink-on-light images (e.g. scans) when trained on Omniglot (ink high)."""
         ck = load_checkpoint(path)
-        return cls(ck.config, ck.params, ck.shape, device=device, invert=invert, pretrained=ck.stage == "pretrain")
+        return cls(ck.config, ck.params, ck.shape, device=device, invert=invert,
+                   pretrained=ck.stage == PRETRAIN_STAGE)
 
     def _learner(self, ways: int) -> tuple[Learner, Params]:
         """The learner for ``ways`` classes and the meta-parameters it adapts from."""
@@ -114,8 +116,7 @@ class FewShotLearner:
             index = {c: i for i, c in enumerate(classes)}
             y = torch.tensor([index[v] for v in labels], dtype=torch.long, device=self.device)
         learner, params = self._learner(ways)
-        steps = (self.cfg.pretrain.probe_steps if self.pretrained else self.cfg.eval_inner_steps) if steps is None \
-            else steps
+        steps = self.default_steps if steps is None else steps
         with torch.no_grad():
             state = learner.algorithm.adapt(params, x, y, steps)
         return AdaptedLearner(self, learner.algorithm, params, state, classes)

@@ -115,14 +115,14 @@ def evaluate(ckpt_path: str, *, overrides: Sequence[str], split: str, episodes: 
     from mtl_ray.algorithms import TaskShape, linear_probe
     from mtl_ray.data import check_data
     from mtl_ray.data.lake import WAYS, default_lake_path, load_lake_runs
-    from mtl_ray.distributed.checkpoint import load_checkpoint
+    from mtl_ray.distributed.checkpoint import PRETRAIN_STAGE, load_checkpoint
     from mtl_ray.distributed.evaluate import check_params, evaluate_tasks, lake_error, mean_ci95
     from mtl_ray.distributed.executor import LocalExecutor
 
     ck = load_checkpoint(ckpt_path)
     cfg = from_dict(ck.config.to_dict(), overrides)
     params, shape, method = ck.params, ck.shape, cfg.algorithm.name
-    if ck.stage == "pretrain":  # "pretrain-only": a linear head fine-tuned on each support set
+    if ck.stage == PRETRAIN_STAGE:  # "pretrain-only": a linear head fine-tuned on each support set
         shape = TaskShape(ck.shape.kind, ck.shape.x_shape, WAYS if lake is not None else cfg.data.ways)
         cfg, params = linear_probe(cfg, ck.params, shape)
         method = f"pretrained body + linear head, lr {cfg.algorithm.inner_lr:g}"
@@ -200,6 +200,9 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+RUNS = {"train": (validate, train), "pretrain": (validate_pretrain, pretrain)}  # command -> (check, run)
+
+
 def _is_sweep(path: str) -> bool:
     """A sweep file has a top-level ``space`` (training configs never do)."""
     try:
@@ -228,13 +231,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     try:
-        if args.command in ("train", "pretrain"):
+        if args.command in RUNS:
+            check, run = RUNS[args.command]
             path, overrides = _split_overrides([*([args.config] if args.config else []), *args.overrides])
-            cfg = (validate if args.command == "train" else validate_pretrain)(path, overrides)
+            cfg = check(path, overrides)
             if args.resume and not args.run_dir and not cfg.tracking.run_name:
                 raise ConfigError(["--resume: got no run to resume; "
                                    "expected --run-dir DIR (or tracking.run_name=NAME)"])
-            (train if args.command == "train" else pretrain)(cfg, run_dir_for(cfg, args.run_dir), resume=args.resume)
+            run(cfg, run_dir_for(cfg, args.run_dir), resume=args.resume)
         elif args.command == "tune":
             tune_command(args.sweep, args.overrides, args.sweep_dir, resume=args.resume)
         elif args.command == "eval":

@@ -15,7 +15,7 @@ from mtl_ray.algorithms.reptile import Reptile
 from mtl_ray.config import Config
 from mtl_ray.data import build_task_source
 from mtl_ray.data.base import TaskSource
-from mtl_ray.models import BODY_PREFIX, HEAD_PREFIX, build_model, initial_params
+from mtl_ray.models import HEAD_PREFIX, body_params, build_model, initial_params
 
 __all__ = [
     "ACC",
@@ -128,5 +128,4 @@ def linear_probe(cfg: Config, params: Params, shape: TaskShape) -> tuple[Config,
                            "algorithm.eval_inner_steps": cfg.pretrain.probe_steps, "algorithm.first_order": True,
                            "model.init": ""})
     learner = build_learner(probe, shape=shape)
-    body = {k: v for k, v in params.items() if k.startswith(BODY_PREFIX)}
-    return probe, initial_meta_params(probe, learner, init=body)  # with a body given, the head starts at zero
+    return probe, initial_meta_params(probe, learner, init=body_params(params))  # given a body: a zero head

@@ -23,7 +23,7 @@ from torch import nn
 
 from mtl_ray.algorithms.base import EXTRA_PREFIX, Params
 from mtl_ray.algorithms.gradient import ANIL
-from mtl_ray.models import BODY_PREFIX, HEAD_PREFIX, modulated_layers
+from mtl_ray.models import BODY_PREFIX, HEAD_PREFIX, body_params, modulated_layers
 
 
 class MTL(ANIL):
@@ -61,7 +61,7 @@ class MTL(ANIL):
 
     def modulated_body(self, params: Params) -> Params:
         """The body's weights with every modulated layer's output scaled and shifted per channel."""
-        body = {k: v for k, v in params.items() if k.startswith(BODY_PREFIX)}
+        body = body_params(params)
         for layer in self.layers:
             w, scale = body[f"{layer}.weight"], params[self.SCALE + layer]
             body[f"{layer}.weight"] = w * scale.view(-1, *([1] * (w.dim() - 1)))

@@ -27,7 +27,8 @@ from mtl_ray.algorithms import Params, TaskShape
 from mtl_ray.config import Config, UserError, from_dict
 
 FORMAT_VERSION = 1
-STAGES = ("meta", "pretrain")
+META_STAGE = "meta"  # Checkpoint.stage: what wrote it
+PRETRAIN_STAGE = "pretrain"
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
@@ -41,7 +42,7 @@ class Checkpoint:
     skipped_steps: int = 0
     tasks_seen: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
-    stage: str = "meta"
+    stage: str = META_STAGE
 
 
 class CheckpointError(UserError):
@@ -150,7 +151,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         skipped_steps=int(raw["skipped_steps"]),
         tasks_seen=int(raw["tasks_seen"]),
         metrics=json.loads(raw["metrics"]),
-        stage=str(raw.get("stage", "meta")),  # checkpoints written before pretraining existed are meta ones
+        stage=str(raw.get("stage", META_STAGE)),  # checkpoints written before pretraining existed are meta ones
     )
 
 

@@ -20,6 +20,7 @@ from mtl_ray import metrics as M
 from mtl_ray.algorithms import Params, ShardResult, TaskShape, build_learner, initial_meta_params
 from mtl_ray.config import Config
 from mtl_ray.distributed.checkpoint import (
+    META_STAGE,
     Checkpoint,
     CheckpointError,
     checkpoint_location,
@@ -101,7 +102,7 @@ class MetaTrainer:
         found = latest_checkpoint(checkpoint_location(run_dir, cfg.tracking.checkpoint_uri)) if resume else None
         if found is not None:
             ck = load_checkpoint(found)
-            if ck.stage != "meta":
+            if ck.stage != META_STAGE:
                 raise CheckpointError(f"--resume: {found} is a {ck.stage} checkpoint, expected a meta-training one; "
                                       f"to meta-train from it, start a new run with model.init={found}")
             return cls(cfg, executor, params=ck.params, shape=ck.shape, run_dir=run_dir, optimizer_state=ck.optimizer,

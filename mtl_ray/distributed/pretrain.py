@@ -41,6 +41,7 @@ from mtl_ray.config import Config, from_dict
 from mtl_ray.data import load_pools
 from mtl_ray.data.supervised import LabelledImages, batch_indices, supervised_split
 from mtl_ray.distributed.checkpoint import (
+    PRETRAIN_STAGE,
     Checkpoint,
     checkpoint_location,
     latest_checkpoint,
@@ -51,7 +52,6 @@ from mtl_ray.distributed.driver import Callback
 from mtl_ray.models import build_model, initial_params
 from mtl_ray.runtime import tune_allocator
 
-STAGE = "pretrain"
 EVAL_CHUNK = 512  # held-out images per forward pass (batch statistics over a mixed-class chunk, as in training)
 
 
@@ -167,19 +167,15 @@ def pretrain_worker(loop: dict[str, Any]) -> None:
         if len(held) and (final or (p.val_every and step % p.val_every == 0)):
             metrics.update(_held_out(model, held, rank, world, device))
         last.update({k: v for k, v in metrics.items() if k != "step"})
-        if final or (t.checkpoint_every and step % t.checkpoint_every == 0):
-            with tempfile.TemporaryDirectory() as tmp:
-                if rank == 0:
-                    ck = Checkpoint(step=step, params={k: v.detach().cpu() for k, v in net.named_parameters()},
-                                    optimizer=optimizer.state_dict(), config=cfg,
-                                    shape=TaskShape("classification", x_shape, train.num_classes),
-                                    metrics=last, stage=STAGE)
-                    save_checkpoint(tmp, ck)
-                    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-                else:
-                    ray.train.report(metrics)
-        else:
-            ray.train.report(metrics)
+        with tempfile.TemporaryDirectory() as tmp:  # every rank reports (a barrier); rank 0 attaches the checkpoint
+            checkpoint = None
+            if rank == 0 and (final or (t.checkpoint_every and step % t.checkpoint_every == 0)):
+                save_checkpoint(tmp, Checkpoint(
+                    step=step, params={k: v.detach().cpu() for k, v in net.named_parameters()},
+                    optimizer=optimizer.state_dict(), config=cfg, metrics=last, stage=PRETRAIN_STAGE,
+                    shape=TaskShape("classification", x_shape, train.num_classes)))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
         if final:
             break
 

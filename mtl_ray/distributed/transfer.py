@@ -9,16 +9,12 @@ from __future__ import annotations
 from mtl_ray.algorithms import Params, uses_head
 from mtl_ray.config import Config
 from mtl_ray.distributed.checkpoint import CheckpointError, load_checkpoint
-from mtl_ray.models import BODY_PREFIX, build_model
-
-
-def body_of(params: Params) -> Params:
-    return {k: v for k, v in params.items() if k.startswith(BODY_PREFIX)}
+from mtl_ray.models import BODY_PREFIX, body_params, build_model
 
 
 def init_body(cfg: Config) -> Params | None:
     """The body weights ``model.init`` names (None when it is empty)."""
-    return body_of(load_checkpoint(cfg.model.init).params) if cfg.model.init else None
+    return body_params(load_checkpoint(cfg.model.init).params) if cfg.model.init else None
 
 
 def check_init(cfg: Config) -> list[str]:
@@ -29,7 +25,7 @@ def check_init(cfg: Config) -> list[str]:
         ck = load_checkpoint(cfg.model.init)
     except CheckpointError as e:
         return [f"model.init: {e} (write one with `mtl-ray pretrain CONFIG --run-dir DIR`, then model.init=DIR)"]
-    body = body_of(ck.params)
+    body = body_params(ck.params)
     m = ck.config.model
     written = f"model.name={m.name} channels={m.channels} blocks={m.blocks} downsample={m.downsample}"
     if not body:
@@ -40,7 +36,7 @@ def check_init(cfg: Config) -> list[str]:
         return [f"data.image_size: got {cfg.data.image_size}, expected {size} (model.init was trained on "
                 f"{size}x{size} images); set data.image_size={size}"]
     out = cfg.data.ways if uses_head(cfg.algorithm.name) else 0
-    want = body_of(dict(build_model(cfg, ck.shape.x_shape, out).named_parameters()))
+    want = body_params(dict(build_model(cfg, ck.shape.x_shape, out).named_parameters()))
     bad = [f"{k}: checkpoint {tuple(body[k].shape) if k in body else 'missing'}, model {tuple(v.shape)}"
            for k, v in want.items() if k not in body or body[k].shape != v.shape]
     if bad:

@@ -8,8 +8,17 @@ from torch import nn
 from mtl_ray.config import Config
 from mtl_ray.models.nets import HEAD_PREFIX, MLP, Conv4, RelationNet
 
-__all__ = ["BODY_PREFIX", "HEAD_PREFIX", "MLP", "Conv4", "RelationNet", "build_model", "initial_params",
-           "modulated_layers"]
+__all__ = [
+    "BODY_PREFIX",
+    "HEAD_PREFIX",
+    "MLP",
+    "Conv4",
+    "RelationNet",
+    "body_params",
+    "build_model",
+    "initial_params",
+    "modulated_layers",
+]
 
 BODY_PREFIX = "body."
 
@@ -39,6 +48,11 @@ def initial_params(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
             if hasattr(mod, "reset_parameters") and mod is not model:
                 mod.reset_parameters()
     return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def body_params(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``body.*`` entries of a parameter dict (what a pretrained checkpoint hands on; its head is not)."""
+    return {k: v for k, v in params.items() if k.startswith(BODY_PREFIX)}
 
 
 def modulated_layers(model: nn.Module) -> list[str]:

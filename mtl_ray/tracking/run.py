@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from mtl_ray.config import Config, ConfigError
-from mtl_ray.distributed.checkpoint import checkpoint_location, latest_checkpoint, load_checkpoint
+from mtl_ray.distributed.checkpoint import PRETRAIN_STAGE, checkpoint_location, latest_checkpoint, load_checkpoint
 from mtl_ray.distributed.driver import Callback, MetaTrainer, Summary
 from mtl_ray.distributed.pretrain import PretrainSummary, run_pretrain
 from mtl_ray.tracking.local import JsonlMetrics, Progress, atomic_write_text
@@ -89,7 +89,7 @@ def _pretrain_records(cfg: Config, run_dir: str, mlflow: bool, start_step: int) 
 def run_pretraining(cfg: Config, run_dir: Path, *, resume: bool = False, out=sys.stdout) -> PretrainSummary:
     """Pretrain ``cfg`` on Ray Train into ``run_dir`` (from its latest checkpoint when ``resume``)."""
     start = _start_run_dir(cfg, run_dir, resume)
-    tracker = (MlflowRun(cfg, run_dir, resume=resume, tags={"stage": "pretrain", "algorithm": "pretrain"})
+    tracker = (MlflowRun(cfg, run_dir, resume=resume, tags={"stage": PRETRAIN_STAGE, "algorithm": PRETRAIN_STAGE})
                if cfg.tracking.mlflow else None)
     p = cfg.pretrain
     print(f"run dir: {run_dir}  (pretrain from step {start}/{p.steps}, {cfg.data.source} train split, "
