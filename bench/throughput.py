@@ -52,7 +52,7 @@ from mtl_ray.config import Config, from_dict
 from mtl_ray.data.base import TaskBatch
 from mtl_ray.data.sinusoid import SinusoidTaskSource
 from mtl_ray.models import build_model, initial_params
-from mtl_ray.runtime import tune_allocator
+from mtl_ray.runtime import fp32_precision, tune_allocator
 
 Params = dict[str, torch.Tensor]
 
@@ -433,7 +433,7 @@ def print_tables(res: dict[str, Any]) -> None:
     if "conv4" in res:
         r0 = res["conv4"]["rows"][0] if res["conv4"]["rows"] else {}
         print(f"Conv4 Omniglot 5-way 1-shot, meta-batch {r0.get('meta_batch', CONV_TASKS)} on "
-              f"{r0.get('device', 'cpu')} (vectorised = vmap over tasks)")
+              f"{r0.get('device', 'cpu')}, precision {res['env']['precision']} (vectorised = vmap over tasks)")
         head = (f"  {'queries':>7} {'steps':>5} {'order':>5} | {'im2col':>8} {'native':>8} {'loop':>8} | "
                 f"{'im2col/loop':>11} {'native/loop':>11}")
         print(head)
@@ -456,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer cases and repeats (~1 minute)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (Conv4 section; float64 checks stay on CPU)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "tf32"),
+                   help="CUDA fp32 arithmetic, as scaling.precision: fp32 = IEEE (the trainer's default), tf32 = "
+                        "TensorFloat-32 convolutions/matmuls (torch's cuDNN default); no effect on CPU")
     p.add_argument("--meta-batch", type=int, default=CONV_TASKS, help="Conv4 meta-batch (default 32; e.g. 128)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; quick 3)")
     p.add_argument("--all-cases", action="store_true",
@@ -474,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {
         "env": {"torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
                 "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "quick": args.quick,
+                "precision": args.precision,
                 "repeats": args.repeats, "warmup": 2, "malloc_tuned": tuned, "loadavg_1min_start": load,
                 "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))},
                 "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))}},
@@ -486,8 +490,9 @@ def main(argv: list[str] | None = None) -> int:
         print("[sinusoid]", flush=True)
         res["sinusoid"] = bench_sinusoid(args)
     if "conv4" in sections:
-        print("[conv4]", flush=True)
-        res["conv4"] = bench_conv(args)
+        print(f"[conv4] precision {args.precision}", flush=True)
+        with fp32_precision(args.precision):
+            res["conv4"] = bench_conv(args)
     if "layer1" in sections:
         print("[layer1]", flush=True)
         res["layer1"] = bench_layer1(args)

@@ -22,6 +22,7 @@ from mtl_ray.config import Config, UserError
 from mtl_ray.data.base import to_float_images
 from mtl_ray.data.imagetable import IMAGE_SUFFIXES, decode_image
 from mtl_ray.distributed.checkpoint import PRETRAIN_STAGE, load_checkpoint
+from mtl_ray.runtime import fp32_precision
 
 __all__ = ["AdaptedLearner", "FewShotLearner"]
 
@@ -40,7 +41,7 @@ class AdaptedLearner:
         """``query_x [Q, *x_shape]`` -> scores ``[Q, N]`` (logits, or values ``[Q, 1]`` for regression)."""
         lrn = self.learner
         x = lrn._check_x(query_x, "query_x")
-        with torch.no_grad():
+        with torch.no_grad(), fp32_precision(lrn.cfg.scaling.precision):
             return self.algorithm.predict(self.params, self.state, x)
 
     def predict(self, query_x: torch.Tensor) -> list[Any] | torch.Tensor:
@@ -117,7 +118,7 @@ class FewShotLearner:
             y = torch.tensor([index[v] for v in labels], dtype=torch.long, device=self.device)
         learner, params = self._learner(ways)
         steps = self.default_steps if steps is None else steps
-        with torch.no_grad():
+        with torch.no_grad(), fp32_precision(self.cfg.scaling.precision):  # the arithmetic `mtl-ray eval` uses
             state = learner.algorithm.adapt(params, x, y, steps)
         return AdaptedLearner(self, learner.algorithm, params, state, classes)
 

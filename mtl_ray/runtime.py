@@ -5,13 +5,19 @@ activation for 32 tasks x 5 images is 32 MB). glibc serves such blocks with fres
 returns them on ``free``, so each step page-faults its whole working set again. Keeping freed memory
 in the heap (``M_MMAP_MAX=0``, a high ``M_TRIM_THRESHOLD``) measured 1.2-1.35x faster Conv4 steps on
 2 cores (bench/throughput.py). The cost is that a worker's resident memory stays at its peak.
+
+Also here: the fp32 arithmetic of CUDA convolutions and matmuls (:func:`fp32_precision`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
+from collections.abc import Iterator
+
+import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -40,3 +46,25 @@ def tune_allocator() -> bool:
         return False
     _done = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
     return _done
+
+
+@contextlib.contextmanager
+def fp32_precision(precision: str) -> Iterator[None]:
+    """Full IEEE fp32 in CUDA convolutions and matmuls, unless ``precision == "tf32"`` (restored on exit).
+
+    torch lets cuDNN convolutions use TensorFloat-32 (10-bit mantissa) by default on Ampere and
+    later. On an H100 that made Conv4's second-order MAML meta-gradient 7-14% (relative) off the
+    fp32 one in the first layer, against 2.6e-6 with IEEE fp32 (docs/benchmarks.md, GPU section).
+    No effect on CPU. Only the new ``fp32_precision`` API is used: torch rejects mixing it with the
+    legacy ``allow_tf32`` flags.
+    """
+    mode = "tf32" if precision == "tf32" else "ieee"
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    before = [b.fp32_precision for b in backends]
+    for b in backends:
+        b.fp32_precision = mode
+    try:
+        yield
+    finally:
+        for b, old in zip(backends, before, strict=True):
+            b.fp32_precision = old

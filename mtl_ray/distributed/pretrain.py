@@ -50,7 +50,7 @@ from mtl_ray.distributed.checkpoint import (
 )
 from mtl_ray.distributed.driver import Callback
 from mtl_ray.models import build_model, initial_params
-from mtl_ray.runtime import tune_allocator
+from mtl_ray.runtime import fp32_precision, tune_allocator
 
 EVAL_CHUNK = 512  # held-out images per forward pass (batch statistics over a mixed-class chunk, as in training)
 
@@ -118,6 +118,11 @@ def _start_state(resume_from: str) -> Checkpoint | None:
 def pretrain_worker(loop: dict[str, Any]) -> None:
     """Ray Train's per-worker loop (``loop``: ``{"config": json, "resume_from": path or ""}``)."""
     cfg = from_dict(json.loads(loop["config"]))
+    with fp32_precision(cfg.scaling.precision):
+        _pretrain(cfg, loop.get("resume_from", ""))
+
+
+def _pretrain(cfg: Config, resume_from: str) -> None:
     p, t = cfg.pretrain, cfg.tracking
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # Ray Train logs a line per report at INFO
     tune_allocator()
@@ -127,7 +132,7 @@ def pretrain_worker(loop: dict[str, Any]) -> None:
     train, held = pretrain_data(cfg)
     x_shape = tuple(int(s) for s in train.x.shape[1:])
     model = build_model(cfg, x_shape, train.num_classes)
-    start = _start_state(loop.get("resume_from", ""))
+    start = _start_state(resume_from)
     weights = start.params if start is not None else initial_params(model, cfg.seed)
     model.load_state_dict(weights)  # every parameter; the skeleton holds no buffers
     step = start.step if start is not None else 0

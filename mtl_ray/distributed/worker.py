@@ -9,13 +9,13 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
 from mtl_ray.algorithms import Params, ShardResult, build_learner
 from mtl_ray.config import Config, from_dict
-from mtl_ray.runtime import tune_allocator
+from mtl_ray.runtime import fp32_precision, tune_allocator
 
 
 def resolve_device(gpus: float) -> torch.device:
@@ -33,11 +33,14 @@ class ShardWorker:
         self.learner = build_learner(self.cfg)
         self.bf16 = self.cfg.scaling.precision == "bf16"
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast of the forward passes (inner and outer); params and meta-gradients stay fp32."""
-        if not self.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+    @contextlib.contextmanager
+    def _numerics(self) -> Iterator[None]:
+        """``scaling.precision``: IEEE fp32 (or TF32) CUDA arithmetic, and bf16 autocast of the forward passes
+        (inner and outer) when asked; params and meta-gradients stay fp32."""
+        with fp32_precision(self.cfg.scaling.precision), contextlib.ExitStack() as stack:
+            if self.bf16:
+                stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
+            yield
 
     def _params(self, params: Params) -> Params:
         return {k: torch.as_tensor(v).to(self.device) for k, v in params.items()}
@@ -46,7 +49,7 @@ class ShardWorker:
         """Sum of meta-gradients of training tasks ``indices`` at ``step`` (grads returned on CPU)."""
         t0 = time.perf_counter()
         batch = self.learner.source.sample("train", step, indices).to(self.device)
-        with self._autocast():
+        with self._numerics():
             result = self.learner.algorithm.meta_gradient(self._params(params), batch)
         grads = {k: v.detach().cpu() for k, v in result.grads.items()}
         return ShardResult(grads=grads, num_tasks=result.num_tasks, metrics=result.metrics,
@@ -56,6 +59,6 @@ class ShardWorker:
                  inner_steps: int) -> dict[str, torch.Tensor]:
         """Per-task metrics ``{name: [len(indices)]}`` after adaptation with ``inner_steps`` steps."""
         batch = self.learner.source.sample(split, step, indices).to(self.device)
-        with self._autocast():
+        with self._numerics():
             out = self.learner.algorithm.evaluate(self._params(params), batch, inner_steps)
         return {k: v.cpu() for k, v in out.items()}

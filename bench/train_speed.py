@@ -1,0 +1,53 @@
+"""Meta-training speed of the in-process trainer on one config, for a wall-clock budget (no Ray, no MLflow).
+
+This is the trainer `mtl-ray train` runs with ``scaling.num_workers=0``, without the tracking around
+it, so it also runs where only torch is installed (e.g. a GPU box's stock image). It prints one JSON
+line: steps, tasks/s, the final meta-validation and peak GPU memory.
+
+    python bench/train_speed.py jobs/configs/omniglot_maml.yaml --minutes 1.5 scaling.gpus_per_worker=1
+    python bench/train_speed.py jobs/configs/omniglot_maml.yaml --minutes 1.5 scaling.gpus_per_worker=1 \\
+        scaling.precision=tf32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+
+import torch
+
+from mtl_ray.config import load_config
+from mtl_ray.distributed.driver import MetaTrainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    p.add_argument("--minutes", type=float, default=1.5, help="training budget after one warm-up step")
+    p.add_argument("--val-tasks", type=int, default=600, help="meta-validation tasks at the end")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config, [
+        "scaling.num_workers=0", "scaling.torch_threads=0", "optim.steps=1000000", "optim.val_every=0",
+        f"optim.val_tasks={args.val_tasks}", f"optim.max_minutes={args.minutes}", "tracking.checkpoint_every=0",
+        "tracking.progress=false", *args.overrides])
+    cuda = torch.cuda.is_available() and cfg.scaling.gpus_per_worker > 0
+    with tempfile.TemporaryDirectory() as run_dir:
+        trainer = MetaTrainer.create(cfg, run_dir)
+        trainer.train_step()  # warm-up: first-call allocations and kernel selection
+        if cuda:
+            torch.cuda.synchronize()
+        summary = trainer.fit()
+        final_val = trainer.validate()
+        trainer.close()
+    print(json.dumps({
+        "config": args.config, "overrides": args.overrides, "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__, "steps": summary.steps, "seconds": summary.seconds,
+        "tasks_per_s": summary.tasks_per_s, "final_val": final_val,
+        "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
