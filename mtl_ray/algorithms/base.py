@@ -32,6 +32,9 @@ State = dict[str, torch.Tensor]
 EXTRA_PREFIX = "meta."  # non-model meta-parameters, e.g. Meta-SGD's learned inner rates
 
 COMPILE_RTOL = 1e-3  # compiled vs eager meta-gradient, relative per tensor (float32 reassociation is ~1e-6)
+# ... plus this share of the whole gradient's norm: some meta-gradients are exactly 0 in exact arithmetic (a conv
+# bias in front of batch-statistics norm), so theirs is rounding noise that no relative bound fits.
+COMPILE_FLOOR = 1e-2
 
 
 class CompileMismatchError(RuntimeError):
@@ -80,6 +83,14 @@ def task_metrics(kind: TaskKind, out: torch.Tensor, y: torch.Tensor, loss: torch
     if kind == "classification":
         metrics[ACC] = (out.detach().argmax(-1) == y).to(out.dtype).mean()
     return metrics
+
+
+def compile_difference(got: Params, want: Params) -> tuple[float, str]:
+    """Worst per-tensor ``|got - want| / (|want| + COMPILE_FLOOR * |whole want|)`` (norms) and its key."""
+    floor = COMPILE_FLOOR * float(torch.sqrt(sum(v.double().square().sum() for v in want.values())))
+    errs = {k: float((got[k] - want[k]).norm()) / (float(want[k].norm()) + floor + 1e-30) for k in want}
+    worst = max(errs, key=errs.__getitem__)
+    return errs[worst], worst
 
 
 def chunks(num_tasks: int, chunk_size: int) -> list[tuple[int, int]]:
@@ -177,10 +188,11 @@ class FunctionalAlgorithm:
     def chunk_grad(self, params: Params, fixed: Params, *task: torch.Tensor) -> tuple[Params, dict]:
         """One chunk's summed meta-gradient; with ``compile`` through ``torch.compile`` (TorchInductor).
 
-        Compiling removes the per-op dispatch that dominates small models (the sinusoid MLP), but
-        torch 2.13 compiles some second-order graphs wrongly (measured: Conv4 MAML's meta-gradient off
-        by 2x relative). So the first call for each input shape also runs eagerly and a mismatch is
-        an error, never a silently wrong gradient.
+        Compiling removes the per-op dispatch that dominates small models (the sinusoid MLP). It does not
+        always compute the same numbers: for second-order Conv4 MAML in float32, torch 2.13's compiled
+        meta-gradient was 1-2% (relative) off the eager one, while in float64 the two agree to 1e-14.
+        So the first call for each input shape also runs eagerly and a difference beyond float32
+        rounding is an error, never a silently different gradient.
         """
         if self._eager is None:
             self._eager = self._eager_chunk_grad()
@@ -190,13 +202,12 @@ class FunctionalAlgorithm:
         out = self._compiled(params, fixed, *task)
         key = tuple(tuple(t.shape) for t in task)
         if key not in self._verified:
-            want = self._eager(params, fixed, *task)[0]
-            err = max(float((out[0][k] - want[k]).norm() / (want[k].norm() + 1e-12)) for k in want)
+            err, worst = compile_difference(out[0], self._eager(params, fixed, *task)[0])
             if not err <= COMPILE_RTOL:
                 raise CompileMismatchError(
                     f"algorithm.compile: the compiled meta-gradient of {self.name} on task shapes {key} differs "
-                    f"from the eager one by {err:.3g} (relative), expected <= {COMPILE_RTOL:g}; torch.compile "
-                    "mis-compiles this model: set algorithm.compile=false")
+                    f"from the eager one by {err:.3g} (relative, worst in {worst}), expected <= {COMPILE_RTOL:g}; "
+                    "torch.compile computes this model differently: set algorithm.compile=false")
             self._verified.add(key)
         return out
 
