@@ -11,8 +11,9 @@ Measures tasks/s of one meta-batch's forward + meta-gradient (no outer optimiser
    per-task weights (32 tasks x 5 images) in several formulations, in GFLOP/s.
 
 Before timing, every vectorised path is checked against the loop in float64 on a small instance.
-Timing: ``time.perf_counter``, 2 warm-up iterations, median of the repeats. No data is read: tasks
-are random tensors of the right shapes (sinusoid tasks come from ``SinusoidTaskSource``).
+Timing: ``time.perf_counter``, 2 warm-up iterations, median of the repeats. Each Conv4 implementation is
+timed in a fresh process of its own, the implementations in turns (``--rounds``; see ``measure_in_process``).
+No data is read: tasks are random tensors of the right shapes (sinusoid tasks come from ``SinusoidTaskSource``).
 
 Results depend on the environment, which the JSON records: the load average (other work on the
 cores; more torch threads than free cores makes OpenMP barriers stall) and glibc allocator settings.
@@ -35,6 +36,7 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -274,6 +276,42 @@ def conv_cases(quick: bool, all_cases: bool) -> list[tuple[int, int, bool]]:
     return [c for c in grid if c[0] == 1 or c == (15, 1, False)]
 
 
+IMPLS = ("im2col", "native", "loop")
+
+
+def measure_in_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """Time one Conv4 implementation in a fresh Python process (``--one SPEC``); its JSON result.
+
+    Each implementation runs in a process of its own, as the trainer does: the vectorised path leaves
+    glibc's heap large and pre-faulted, and a per-task loop timed after it in the same process ran up
+    to 1.3x faster than alone. Processes of the implementations alternate (``--rounds``), so a machine
+    whose speed drifts over minutes (a shared VM) shifts all of them alike.
+    """
+    out = subprocess.run([sys.executable, __file__, "--one", json.dumps(spec)], capture_output=True, text=True,
+                         check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"measuring {spec} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_one(spec: dict[str, Any]) -> dict[str, Any]:
+    """The child side of :func:`measure_in_process`."""
+    torch.set_num_threads(spec["threads"])
+    tune_allocator()
+    impl, dev = spec["impl"], spec["device"]
+    setup = conv_setup(tasks=spec["tasks"], inner_steps=spec["inner_steps"], first_order=spec["first_order"],
+                       queries=spec["queries"], impl="im2col" if impl == "loop" else impl).to(dev)
+    fn = loop_for(setup) if impl == "loop" else vectorised_for(setup)
+    with fp32_precision(spec["precision"]):
+        if dev.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        times = measure(lambda: fn(setup.params, setup.batch), spec["repeats"], device=dev)
+    res: dict[str, Any] = {"times_s": times}
+    if dev.startswith("cuda"):
+        res["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return res
+
+
 def bench_conv(args: argparse.Namespace) -> dict[str, Any]:
     # Correctness first, float64, a few tasks, every implementation and order (2 inner steps).
     checks = {}
@@ -291,16 +329,17 @@ def bench_conv(args: argparse.Namespace) -> dict[str, Any]:
     for queries, steps, fo in conv_cases(args.quick, args.all_cases):
         row: dict[str, Any] = {"queries": queries, "inner_steps": steps, "order": "1st" if fo else "2nd",
                                "meta_batch": tasks, "device": dev}
-        for name, impl in (("im2col", "im2col"), ("native", "native"), ("loop", None)):
-            setup = conv_setup(tasks=tasks, inner_steps=steps, first_order=fo, queries=queries,
-                               impl=impl or "im2col").to(dev)
-            fn = loop_for(setup) if impl is None else vectorised_for(setup)
-            if dev.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            times = measure(lambda fn=fn, s=setup: fn(s.params, s.batch), args.repeats, device=dev)
-            row[name] = summary(times, tasks)
-            if dev.startswith("cuda"):
-                row[name]["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        spec = {"tasks": tasks, "inner_steps": steps, "first_order": fo, "queries": queries, "device": dev,
+                "precision": args.precision, "threads": args.threads, "repeats": args.repeats}
+        times: dict[str, list[float]] = {name: [] for name in IMPLS}
+        for _ in range(args.rounds):  # each implementation in its own process, in turns
+            for name in IMPLS:
+                one = measure_in_process({**spec, "impl": name})
+                times[name] += one["times_s"]
+                if "peak_mem_mib" in one:
+                    row.setdefault(name, {})["peak_mem_mib"] = one["peak_mem_mib"]
+        for name, t in times.items():
+            row[name] = {**summary(t, tasks), **row.get(name, {})}
         row["ratio_im2col_loop"] = row["im2col"]["tasks_per_s"] / row["loop"]["tasks_per_s"]
         row["ratio_native_loop"] = row["native"]["tasks_per_s"] / row["loop"]["tasks_per_s"]
         print(f"  q={queries:2d} steps={steps} {row['order']}: im2col {row['im2col']['tasks_per_s']:7.1f}  "
@@ -465,9 +504,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="also the 15-query grid (1/5 steps, 1st order): several more minutes")
     p.add_argument("--sections", default="sinusoid,conv4,layer1",
                    help="comma-separated subset of sinusoid,conv4,layer1")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="Conv4: processes per implementation, alternating (default 2; quick 1)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # child process of measure_in_process
     args = p.parse_args(argv)
+    if args.one is not None:
+        print(json.dumps(run_one(json.loads(args.one))))
+        return 0
     args.repeats = args.repeats or (3 if args.quick else 5)
+    args.rounds = 1 if args.quick else args.rounds
     args.repeats_fast = max(args.repeats, 3 if args.quick else 9)  # cheap calls: more repeats, noise is high
     torch.set_num_threads(args.threads)
     tuned = tune_allocator()  # as the trainer and every worker do (MTL_RAY_TUNE_MALLOC=0 to compare)
@@ -477,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {
         "env": {"torch": torch.__version__, "python": sys.version.split()[0], "machine": platform.machine(),
                 "cpus": os.cpu_count(), "threads": torch.get_num_threads(), "quick": args.quick,
-                "precision": args.precision,
+                "precision": args.precision, "rounds": args.rounds,
                 "repeats": args.repeats, "warmup": 2, "malloc_tuned": tuned, "loadavg_1min_start": load,
                 "allocator_env": {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "LD_PRELOAD"))},
                 "omp_env": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "GOMP_", "KMP_"))}},
@@ -491,8 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         res["sinusoid"] = bench_sinusoid(args)
     if "conv4" in sections:
         print(f"[conv4] precision {args.precision}", flush=True)
-        with fp32_precision(args.precision):
-            res["conv4"] = bench_conv(args)
+        res["conv4"] = bench_conv(args)
     if "layer1" in sections:
         print("[layer1]", flush=True)
         res["layer1"] = bench_layer1(args)

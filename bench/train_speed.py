@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value config overrides")
     p.add_argument("--minutes", type=float, default=1.5, help="training budget after one warm-up step")
     p.add_argument("--val-tasks", type=int, default=600, help="meta-validation tasks at the end")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come after --minutes
     cfg = load_config(args.config, [
         "scaling.num_workers=0", "scaling.torch_threads=0", "optim.steps=1000000", "optim.val_every=0",
         f"optim.val_tasks={args.val_tasks}", f"optim.max_minutes={args.minutes}", "tracking.checkpoint_every=0",
