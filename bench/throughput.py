@@ -5,8 +5,9 @@ Measures tasks/s of one meta-batch's forward + meta-gradient (no outer optimiser
 1. sinusoid regression, MLP 1-40-40-1, meta-batch 25, K=10, second-order MAML, 1 inner step:
    ``alg.meta_gradient`` vs a plain per-task autograd loop written here;
 2. Conv4 on Omniglot-shaped random tasks, 5-way 1-shot (1 and 15 queries per class), meta-batch 32,
-   1 and 5 inner steps, second and first order: vectorised with ``conv_impl="native"`` (the default),
-   vectorised with ``conv_impl="im2col"`` and a per-task loop using ``F.conv2d`` / ``F.batch_norm``;
+   1 and 5 inner steps, second and first order: vectorised with ``conv_impl="folded"`` (the default: the
+   first block's batch norm folded into one GEMM), with ``"native"`` (``F.conv2d`` + batch norm in every
+   block) and ``"im2col"``, and a per-task loop using ``F.conv2d`` / ``F.batch_norm``;
 3. the Conv4 first layer (1 -> 64 channels, 3x3, pad 1, 28x28) forward + backward under ``vmap`` with
    per-task weights (32 tasks x 5 images) in several formulations, in GFLOP/s.
 
@@ -54,6 +55,7 @@ from mtl_ray.config import Config, from_dict
 from mtl_ray.data.base import TaskBatch
 from mtl_ray.data.sinusoid import SinusoidTaskSource
 from mtl_ray.models import build_model, initial_params
+from mtl_ray.models.layers import batch_norm, folded_block
 from mtl_ray.runtime import fp32_precision, tune_allocator
 
 Params = dict[str, torch.Tensor]
@@ -103,7 +105,7 @@ def sinusoid_config(*, inner_steps: int = 1, first_order: bool = False, compile:
     })
 
 
-def conv_config(*, inner_steps: int, first_order: bool, queries: int, impl: str = "im2col") -> Config:
+def conv_config(*, inner_steps: int, first_order: bool, queries: int, impl: str = "folded") -> Config:
     return from_dict({
         "data": {"source": "omniglot", "ways": WAYS, "shots": SHOTS, "queries": queries, "image_size": IMAGE},
         "model": {"name": "conv4", "channels": 64, "downsample": "pool", "conv_impl": impl},
@@ -276,7 +278,8 @@ def conv_cases(quick: bool, all_cases: bool) -> list[tuple[int, int, bool]]:
     return [c for c in grid if c[0] == 1 or c == (15, 1, False)]
 
 
-IMPLS = ("im2col", "native", "loop")
+IMPLS = ("folded", "native", "im2col", "loop")
+VECTORISED = IMPLS[:-1]
 
 
 def measure_in_process(spec: dict[str, Any]) -> dict[str, Any]:
@@ -315,7 +318,7 @@ def run_one(spec: dict[str, Any]) -> dict[str, Any]:
 def bench_conv(args: argparse.Namespace) -> dict[str, Any]:
     # Correctness first, float64, a few tasks, every implementation and order (2 inner steps).
     checks = {}
-    for impl in ("im2col", "native"):
+    for impl in VECTORISED:
         for fo in (False, True):
             setup = conv_setup(tasks=3, inner_steps=2, first_order=fo, queries=2, impl=impl)
             err = check(setup, 3)
@@ -340,11 +343,11 @@ def bench_conv(args: argparse.Namespace) -> dict[str, Any]:
                     row.setdefault(name, {})["peak_mem_mib"] = one["peak_mem_mib"]
         for name, t in times.items():
             row[name] = {**summary(t, tasks), **row.get(name, {})}
-        row["ratio_im2col_loop"] = row["im2col"]["tasks_per_s"] / row["loop"]["tasks_per_s"]
-        row["ratio_native_loop"] = row["native"]["tasks_per_s"] / row["loop"]["tasks_per_s"]
-        print(f"  q={queries:2d} steps={steps} {row['order']}: im2col {row['im2col']['tasks_per_s']:7.1f}  "
-              f"native {row['native']['tasks_per_s']:7.1f}  loop {row['loop']['tasks_per_s']:7.1f} tasks/s  "
-              f"im2col/loop {row['ratio_im2col_loop']:.2f}x", flush=True)
+        for name in VECTORISED:
+            row[f"ratio_{name}_loop"] = row[name]["tasks_per_s"] / row["loop"]["tasks_per_s"]
+        print(f"  q={queries:2d} steps={steps} {row['order']}: "
+              + "  ".join(f"{name} {row[name]['tasks_per_s']:7.1f}" for name in IMPLS)
+              + f" tasks/s  folded/loop {row['ratio_folded_loop']:.2f}x", flush=True)
         rows.append(row)
     return {"checks_rel_err": checks, "rows": rows}
 
@@ -367,7 +370,7 @@ def l1_native(x, w, b):
     return F.conv2d(x, w, b, padding=1)
 
 
-def l1_im2col(x, w, b):  # the project's default: cols^T @ W^T -> [N, L, O], transposed back to NCHW
+def l1_im2col(x, w, b):  # conv_impl="im2col": cols^T @ W^T -> [N, L, O], transposed back to NCHW
     n, o = x.shape[0], w.shape[0]
     out = F.unfold(x, 3, padding=1).transpose(1, 2) @ w.reshape(o, -1).t() + b
     return out.transpose(1, 2).reshape(n, o, *x.shape[-2:])
@@ -405,7 +408,7 @@ def l1_shifts(x, w, b):  # 9 shifted multiply-adds
 
 LAYER1 = {
     "native F.conv2d (grouped under vmap)": (l1_native, False),
-    "im2col: unfold, cols^T @ W^T, transpose (project default)": (l1_im2col, False),
+    "im2col: unfold, cols^T @ W^T, transpose (conv_impl=im2col)": (l1_im2col, False),
     "W @ unfold(x) (baddbmm, NCHW out)": (l1_w_cols, False),
     "W @ strided-view patches (baddbmm, NCHW out)": (l1_w_patches, False),
     "channels-last GEMM [N*L,9]@[9,O] (NHWC out)": (l1_channels_last, False),
@@ -448,7 +451,42 @@ def bench_layer1(args: argparse.Namespace) -> dict[str, Any]:
         results[name] = {"median_s": med, "gflops": flops / med / 1e9, "rel_err_vs_native": err, "times_s": times}
         print(f"  {name:58s} {med * 1e3:8.2f} ms {flops / med / 1e9:7.2f} GFLOP/s  (grad rel err {err:.0e})",
               flush=True)
-    return {"flop_per_call": flops, "formulations": results}
+    return {"flop_per_call": flops, "formulations": results, "block": bench_block1(args)}
+
+
+def bench_block1(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole first block (conv, batch norm, 2x2 max-pool, ReLU) under vmap(vjp): plain vs folded_block."""
+    tasks, n, o = 32, 5, 64
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(tasks, n, 1, IMAGE, IMAGE, generator=g)
+    w = torch.randn(tasks, o, 1, 3, 3, generator=g) / 3
+    gamma, beta = 1 + torch.randn(tasks, o, generator=g) / 10, torch.randn(tasks, o, generator=g) / 10
+    cot = torch.randn(tasks, n, o, IMAGE // 2, IMAGE // 2, generator=g)
+
+    def plain(x, w, gamma, beta):
+        y = batch_norm(F.conv2d(x, w, torch.zeros_like(gamma), padding=1), gamma, beta)
+        return F.relu(F.max_pool2d(y, 2))
+
+    def folded(x, w, gamma, beta):
+        return folded_block(x, w, torch.zeros_like(gamma), gamma, beta, stride=1, pool=True)
+
+    def fwd_bwd(f):
+        def one(x, w, gamma, beta, cot):
+            _, pull = vjp(lambda w, gamma, beta: f(x, w, gamma, beta), w, gamma, beta)
+            return pull(cot)
+        return vmap(one)
+
+    out: dict[str, Any] = {}
+    ref = fwd_bwd(plain)(x, w, gamma, beta, cot)
+    for name, f in (("plain: F.conv2d, batch_norm, F.max_pool2d, relu", plain),
+                    ("folded_block (conv_impl=folded)", folded)):
+        fn = fwd_bwd(f)
+        got = fn(x, w, gamma, beta, cot)
+        err = max(float((a - r).abs().max() / r.abs().max()) for a, r in zip(got, ref, strict=True))
+        times = measure(lambda fn=fn: fn(x, w, gamma, beta, cot), args.repeats)
+        out[name] = {"median_s": statistics.median(times), "rel_err_vs_plain": err, "times_s": times}
+        print(f"  block: {name:51s} {statistics.median(times) * 1e3:8.2f} ms  (grad rel err {err:.0e})", flush=True)
+    return out
 
 
 # --------------------------------------------------------------------------- report
@@ -473,21 +511,24 @@ def print_tables(res: dict[str, Any]) -> None:
         r0 = res["conv4"]["rows"][0] if res["conv4"]["rows"] else {}
         print(f"Conv4 Omniglot 5-way 1-shot, meta-batch {r0.get('meta_batch', CONV_TASKS)} on "
               f"{r0.get('device', 'cpu')}, precision {res['env']['precision']} (vectorised = vmap over tasks)")
-        head = (f"  {'queries':>7} {'steps':>5} {'order':>5} | {'im2col':>8} {'native':>8} {'loop':>8} | "
-                f"{'im2col/loop':>11} {'native/loop':>11}")
+        head = (f"  {'queries':>7} {'steps':>5} {'order':>5} | " + " ".join(f"{n:>8}" for n in IMPLS) + " | "
+                + " ".join(f"{n + '/loop':>11}" for n in VECTORISED))
         print(head)
         print("  " + "-" * (len(head) - 2))
         for r in res["conv4"]["rows"]:
-            print(f"  {r['queries']:>7} {r['inner_steps']:>5} {r['order']:>5} | {r['im2col']['tasks_per_s']:8.1f} "
-                  f"{r['native']['tasks_per_s']:8.1f} {r['loop']['tasks_per_s']:8.1f} | "
-                  f"{r['ratio_im2col_loop']:10.2f}x {r['ratio_native_loop']:10.2f}x"
-                  + (f"  peak MiB native {r['native']['peak_mem_mib']:.0f} loop {r['loop']['peak_mem_mib']:.0f}"
-                     if "peak_mem_mib" in r["native"] else ""))
-        print("  (target: native/loop >= 2x for 2nd order)")
+            print(f"  {r['queries']:>7} {r['inner_steps']:>5} {r['order']:>5} | "
+                  + " ".join(f"{r[n]['tasks_per_s']:8.1f}" for n in IMPLS) + " | "
+                  + " ".join(f"{r[f'ratio_{n}_loop']:10.2f}x" for n in VECTORISED)
+                  + (f"  peak MiB folded {r['folded']['peak_mem_mib']:.0f} loop {r['loop']['peak_mem_mib']:.0f}"
+                     if "peak_mem_mib" in r["folded"] else ""))
+        print("  (target: folded/loop, the default, >= 2x for 2nd order)")
     if "layer1" in res:
         print("Conv4 layer 1 (1->64, 3x3, pad 1, 28x28), vmap over 32 tasks x 5 images, forward + weight grad")
         for name, r in res["layer1"]["formulations"].items():
             print(f"  {name:58s} {r['median_s'] * 1e3:8.2f} ms {r['gflops']:7.2f} GFLOP/s")
+        print("Conv4 block 1 (conv, batch norm, max-pool, ReLU), same tasks, forward + weight/norm grads")
+        for name, r in res["layer1"]["block"].items():
+            print(f"  {name:58s} {r['median_s'] * 1e3:8.2f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:

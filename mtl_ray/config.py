@@ -29,7 +29,7 @@ MODELS = ("mlp", "conv4")
 ALGORITHMS = ("maml", "metasgd", "reptile", "anil", "protonet", "relationnet", "mtl")
 OPTIMIZERS = ("adam", "sgd")
 DOWNSAMPLE = ("pool", "stride")
-CONV_IMPLS = ("im2col", "native")
+CONV_IMPLS = ("folded", "native", "im2col")
 OMNIGLOT_ARCHIVES = (
     "images_background",
     "images_evaluation",
@@ -80,7 +80,8 @@ class ModelConfig:
     channels: int = 64  # conv4 filters per block
     blocks: int = 4
     downsample: str = "pool"  # "pool": 2x2 max-pool per block (Vinyals et al.); "stride": stride-2 convs
-    conv_impl: str = "native"  # "native": F.conv2d (measured faster under vmap here); "im2col": unfold + GEMM
+    # "folded" (first block: batch norm folded into one GEMM, others F.conv2d), "native" (F.conv2d), "im2col"
+    conv_impl: str = "folded"
     # A checkpoint (file, run dir or pyarrow.fs URI) whose body weights start meta-training, usually one
     # `mtl-ray pretrain` wrote. Full mode: every algorithm but mtl fine-tunes them; algorithm.name=mtl freezes them.
     init: str = ""

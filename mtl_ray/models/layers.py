@@ -5,9 +5,16 @@ silently wrong second-order meta-gradient (see ../shared/notes/torch-func-facts.
 534). Statistics are always the batch's own (per task under ``vmap``; the "transductive" mode that
 MAML's reference implementation uses), so no running buffers exist and train/eval behave the same.
 
-Convolutions default to ``F.conv2d`` ("native"). The im2col form (unfold + one batched GEMM) is kept
-as an option, but bench/throughput.py measured it 1.6-1.8x slower end to end on a 2-core CPU with
-torch 2.13: batch norm and ReLU at 28x28 dominate, not the grouped convolution.
+Convolutions (``model.conv_impl``):
+
+* ``"folded"`` (default): a block whose input has few channels (the first block of an image model,
+  ``C*3*3 <= STEM_MAX_PATCH``) runs as :func:`folded_block`: batch-norm statistics from the patch
+  covariance, the norm folded into the conv weights, one GEMM, max-pool over pooling phases. On Conv4
+  this block was 46% of a second-order MAML meta-batch on a 2-core CPU (bench/throughput.py, layer-1
+  ablation): its 64-channel 28x28 activations are the largest tensors, and every elementwise pass of
+  batch norm and its second-order backward over them is a full memory sweep. Wider blocks use ``F.conv2d``.
+* ``"native"``: ``F.conv2d`` and :func:`batch_norm` in every block.
+* ``"im2col"``: unfold + one batched GEMM in every block (measured slower; kept to compare).
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 BN_EPS = 1e-5
+# Largest patch (in_channels * 3 * 3) computed by folded_block under conv_impl="folded": up to an RGB image's.
+STEM_MAX_PATCH = 27
 
 
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = BN_EPS) -> torch.Tensor:
@@ -32,10 +41,58 @@ def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     return torch.addcmul(bias.view(shape) - mean * scale, x, scale)
 
 
+def folded_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
+                 *, stride: int, pool: bool, eps: float = BN_EPS) -> torch.Tensor:
+    """``relu(maxpool2x2(batch_norm(conv(x))))`` (or without the pool) computed without a pass over the conv output.
+
+    ``x [N, C, H, W]``, ``weight [O, C, k, k]`` (padding ``k // 2``), ``bias, gamma, beta [O]`` -> ``[N, O, H', W']``.
+    Equal to :class:`ConvBlock`'s plain form in exact arithmetic (float64: 1e-14), for inputs with few channels:
+
+    * Statistics: with patches ``p [M, K]`` (``K = C*k*k``, one row per output position of all ``N``
+      images, zero padding included), channel ``o``'s conv output ``w_o . p + b_o`` has mean
+      ``w_o . mu + b_o`` and variance ``w_o^T Sigma w_o`` (``mu``, ``Sigma``: patch mean and covariance,
+      ``K x K``). These come from the input alone, so no full-size tensor enters the norm, its
+      backward or its second-order backward.
+    * Folding: ``gamma (w . p + b - mean) / sqrt(var + eps) + beta = w' . p + b'`` with ``w' = s w``,
+      ``b' = beta + s (b - mean)``, ``s = gamma / sqrt(var + eps)``. The conv bias cancels: its
+      gradient is exactly 0 (the plain form gives it rounding noise), but it stays in the graph, so
+      DistributedDataParallel (pretraining) sees every parameter used.
+    * Pooling: the GEMM ``[O, K+1] @ [K+1, N * 4 * H'W']`` (a ones row carries ``b'``) writes the
+      outputs grouped by 2x2 window offset, so the pool is a max over 4 slabs, ties going to the first
+      offset in row-major order as in ``F.max_pool2d``. Positions outside the pooled area (odd sizes)
+      count in the statistics, as in the plain form.
+    """
+    n, _, h, w = x.shape
+    o, k = weight.shape[0], weight.shape[-1]
+    cols = F.unfold(x, k, padding=k // 2, stride=stride)  # [N, K, L]: the input only, never differentiated
+    ho, wo = (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1
+    with torch.autocast(x.device.type, enabled=False):  # statistics in the input's precision, also under bf16
+        mu = cols.mean(dim=(0, 2))  # [K]
+        centred = cols - mu[:, None]
+        cov = torch.einsum("nkl,njl->kj", centred, centred) / (n * ho * wo)  # [K, K]
+        wf = weight.reshape(o, -1)  # [O, K]
+        var = ((wf @ cov) * wf).sum(1).clamp_min(0.0)  # [O]
+        scale = gamma * torch.rsqrt(var + eps)
+        shift = beta + scale * (bias - (wf @ mu + bias))
+        folded = torch.cat([wf * scale[:, None], shift[:, None]], 1)  # [O, K+1]
+    if pool:  # columns ordered (window offset, image, pooled position)
+        cols = cols.view(n, -1, ho, wo)
+        ho, wo = ho // 2, wo // 2
+        cols = cols[:, :, : 2 * ho, : 2 * wo].reshape(n, -1, ho, 2, wo, 2).permute(1, 3, 5, 0, 2, 4)
+    else:
+        cols = cols.transpose(0, 1)
+    cols = cols.reshape(cols.shape[0], -1)
+    y = folded @ torch.cat([cols, cols.new_ones(1, cols.shape[1])])  # [O, (4,) N * H'W']
+    if pool:
+        y = y.view(o, 4, n * ho * wo).max(dim=1).values
+    # in x's dtype, as the plain block's norm gives: a bf16 GEMM (autocast) must not hand bf16 to the next conv
+    return F.relu(y.view(o, n, ho, wo).transpose(0, 1)).to(x.dtype)
+
+
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, stride: int, padding: int,
            impl: str) -> torch.Tensor:
     """``x [N, C, H, W]``, ``weight [O, C, k, k]`` -> ``[N, O, H', W']``."""
-    if impl == "native":
+    if impl in ("native", "folded"):
         return F.conv2d(x, weight, bias, stride=stride, padding=padding)
     n, _, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -50,14 +107,18 @@ def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, *, stride:
 class ConvBlock(nn.Module):
     """3x3 conv -> batch norm (batch statistics) -> ReLU -> 2x2 max-pool (or stride-2 conv)."""
 
-    def __init__(self, cin: int, cout: int, *, downsample: str, pool: bool = True, impl: str = "im2col"):
+    def __init__(self, cin: int, cout: int, *, downsample: str, pool: bool = True, impl: str = "folded"):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, 3, padding=1, stride=2 if (downsample == "stride" and pool) else 1)
         self.norm = nn.BatchNorm2d(cout, track_running_stats=False)  # holds weight/bias only
         self.pool = pool and downsample == "pool"
         self.impl = impl
+        self.folded = impl == "folded" and cin * 3 * 3 <= STEM_MAX_PATCH
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return folded_block(x, self.conv.weight, self.conv.bias, self.norm.weight, self.norm.bias,
+                                stride=self.conv.stride[0], pool=self.pool)
         x = conv2d(x, self.conv.weight, self.conv.bias, stride=self.conv.stride[0], padding=1, impl=self.impl)
         x = batch_norm(x, self.norm.weight, self.norm.bias)
         # max-pool before ReLU: equal (ReLU is monotone) and the ReLU touches 4x fewer elements.

@@ -43,7 +43,7 @@ class Conv4(nn.Module):
     """
 
     def __init__(self, in_channels: int, image_size: int, out_features: int, *, channels: int = 64,
-                 blocks: int = 4, downsample: str = "pool", impl: str = "im2col",
+                 blocks: int = 4, downsample: str = "pool", impl: str = "folded",
                  pooled_blocks: int | None = None, flatten: bool = True):
         super().__init__()
         pooled = blocks if pooled_blocks is None else pooled_blocks
@@ -74,7 +74,7 @@ class RelationNet(nn.Module):
     """
 
     def __init__(self, in_channels: int, image_size: int, *, channels: int = 64, downsample: str = "pool",
-                 impl: str = "im2col", hidden: int = 8):
+                 impl: str = "folded", hidden: int = 8):
         super().__init__()
         self.encoder = Conv4(in_channels, image_size, 0, channels=channels, blocks=4, downsample=downsample,
                              impl=impl, pooled_blocks=2, flatten=False)

@@ -133,8 +133,9 @@ def _rel_err(a: dict, b: dict) -> float:
 
 
 @pytest.mark.parametrize("name,impl,first_order", [
-    ("maml", "im2col", False), ("maml", "native", False), ("maml", "im2col", True), ("metasgd", "im2col", False),
-    ("anil", "im2col", False), ("protonet", "im2col", False), ("relationnet", "im2col", False),
+    ("maml", "folded", False), ("maml", "native", False), ("maml", "im2col", False), ("maml", "folded", True),
+    ("metasgd", "folded", False), ("anil", "folded", False), ("protonet", "folded", False),
+    ("relationnet", "folded", False),
 ])
 def test_vmapped_meta_gradient_equals_per_task_loop_float64_with_batchnorm(name, impl, first_order):
     """Conv4 (with batch norm) second order, float64: the vectorised path equals a per-task loop.
