@@ -94,7 +94,8 @@ class AlgorithmConfig:
     inner_steps: int = 1
     eval_inner_steps: int | None = None  # None: same as inner_steps
     first_order: bool = False
-    task_chunk_size: int = 0  # tasks per vmap call; 0: the whole shard at once
+    # tasks per vmap call; 0 (auto): on CPU, chunks of at most ~670 28x28 images of input, on GPU the whole shard
+    task_chunk_size: int = 0
     # torch.compile the meta-gradient (each new task shape is checked once against eager; a mismatch is an
     # error). Measured 8x faster for the sinusoid MLP; no gain, and wrong gradients, for second-order Conv4.
     compile: bool = False

@@ -10,11 +10,14 @@ step counts); all state lives in a flat parameter dict ``Params``. Its methods a
 * ``evaluate(params, batch, steps) -> {metric: [T]}``       adapt on support, score on query.
 
 Per-task work is vectorised with ``torch.func.vmap`` over tasks, in chunks of ``chunk_size`` tasks
-so memory stays bounded; there is no Python loop over tasks or deep-copied models.
+(0: sized to bound memory on CPU, see :func:`chunks`) so memory stays bounded; there is no Python loop
+over tasks or deep-copied models.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,6 +33,14 @@ Params = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
 
 EXTRA_PREFIX = "meta."  # non-model meta-parameters, e.g. Meta-SGD's learned inner rates
+
+# algorithm.task_chunk_size=0 (auto) on CPU: at most this many input elements per vmap call (about 670 Omniglot
+# 28x28 images), because a chunk's activations (and their second-order graph) scale with it. The main job (5-way
+# 1-shot, 15 queries per class: 80 images a task) runs in chunks of 8 tasks: peak memory 1.5 GB instead of 4.4 GB
+# for the whole meta-batch of 32 on one process, at the same or better speed (8 was at least as fast as 4, 16 and
+# 32 on 2 cores, 1 and 2 threads; docs/benchmarks.md). With 1 query per class a meta-batch of 32 stays one chunk.
+# GPUs take the whole shard: they want wide batches and report out-of-memory rather than swap.
+AUTO_CHUNK_ELEMENTS = 1 << 19
 
 COMPILE_RTOL = 1e-3  # compiled vs eager meta-gradient, relative per tensor (float32 reassociation is ~1e-6)
 # ... plus this share of the whole gradient's norm: some meta-gradients are exactly 0 in exact arithmetic (a conv
@@ -93,10 +104,22 @@ def compile_difference(got: Params, want: Params) -> tuple[float, str]:
     return errs[worst], worst
 
 
-def chunks(num_tasks: int, chunk_size: int) -> list[tuple[int, int]]:
-    """``[start, stop)`` ranges of at most ``chunk_size`` tasks (0: one range)."""
-    size = chunk_size if chunk_size > 0 else max(num_tasks, 1)
-    return [(i, min(i + size, num_tasks)) for i in range(0, num_tasks, size)]
+def chunks(batch: TaskBatch, chunk_size: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` ranges of the batch's tasks, one per ``vmap`` call: ``chunk_size`` tasks each.
+
+    ``chunk_size = 0`` (auto): on CPU, the fewest near-equal chunks whose inputs (support + query) hold at
+    most :data:`AUTO_CHUNK_ELEMENTS` elements each (at least one task per chunk); elsewhere the whole batch.
+    """
+    n = batch.num_tasks
+    if chunk_size <= 0:
+        chunk_size = n
+        if n and batch.support_x.device.type == "cpu":
+            per_task = (batch.support_x.numel() + batch.query_x.numel()) // n
+            chunk_size = max(1, AUTO_CHUNK_ELEMENTS // max(per_task, 1))
+            parts = math.ceil(n / chunk_size)
+            bounds = [i * n // parts for i in range(parts + 1)]  # as many chunks, sizes within one task
+            return list(itertools.pairwise(bounds))
+    return [(i, min(i + chunk_size, n)) for i in range(0, n, max(chunk_size, 1))]
 
 
 def add_into(total: Params | None, part: Mapping[str, torch.Tensor]) -> Params:
@@ -220,7 +243,7 @@ class FunctionalAlgorithm:
         params = {k: v for k, v in params.items() if k not in fixed}
         total: Params | None = None
         sums: dict[str, float] = {}
-        for start, stop in chunks(batch.num_tasks, self.chunk_size):
+        for start, stop in chunks(batch, self.chunk_size):
             part = batch.slice(start, stop)
             grads, metrics = self.chunk_grad(params, fixed, part.support_x, part.support_y, part.query_x,
                                              part.query_y)
@@ -239,7 +262,7 @@ class FunctionalAlgorithm:
         per_task = vmap(score, in_dims=(None, 0, 0, 0, 0))
         parts: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():  # torch.func.grad inside adapt still works: it ignores an outer no_grad
-            for start, stop in chunks(batch.num_tasks, self.chunk_size):
+            for start, stop in chunks(batch, self.chunk_size):
                 part = batch.slice(start, stop)
                 parts.append(per_task(params, part.support_x, part.support_y, part.query_x, part.query_y))
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

@@ -36,7 +36,7 @@ class Reptile(MAML):
         total = None
         sums: dict[str, float] = {}
         with torch.no_grad():
-            for start, stop in chunks(batch.num_tasks, self.chunk_size):
+            for start, stop in chunks(batch, self.chunk_size):
                 part = batch.slice(start, stop)
                 delta, metrics = batched(params, part.support_x, part.support_y, part.query_x, part.query_y)
                 total = add_into(total, {k: d.sum(0) for k, d in delta.items()})

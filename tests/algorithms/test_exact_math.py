@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from mtl_ray.algorithms import ANIL, MAML, MetaSGD, ProtoNet, Reptile, build_learner, initial_meta_params
-from mtl_ray.algorithms.base import chunks
+from mtl_ray.algorithms import base as algorithms_base
+from mtl_ray.algorithms.base import AUTO_CHUNK_ELEMENTS, chunks
 from mtl_ray.config import from_dict
 from mtl_ray.data.base import TaskBatch
 
@@ -164,7 +165,7 @@ def test_meta_gradient_is_independent_of_chunking():
     shape = TaskShape("classification", (1, 16, 16), 3)
     whole = build_learner(cfg, shape=shape)
     chunked = build_learner(cfg.replace(**{"algorithm.task_chunk_size": 2}), shape=shape)
-    assert chunks(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    assert chunks(_image_batch(5, 3, 1, 2, 16), 2) == [(0, 2), (2, 4), (4, 5)]
     params = {k: v.double() for k, v in initial_meta_params(cfg, whole).items()}
     whole.model.double()
     chunked.model.double()
@@ -173,6 +174,65 @@ def test_meta_gradient_is_independent_of_chunking():
     b = chunked.algorithm.meta_gradient(params, batch)
     assert _rel_err(a.grads, b.grads) < 1e-12
     assert a.metrics["loss"] == pytest.approx(b.metrics["loss"])
+
+
+def _zeros_batch(tasks: int, support: int, query: int, size: int = 28, device: str = "cpu") -> TaskBatch:
+    img = (1, size, size)
+    return TaskBatch(torch.zeros(tasks, support, *img, device=device), torch.zeros(tasks, support, dtype=torch.long),
+                     torch.zeros(tasks, query, *img, device=device), torch.zeros(tasks, query, dtype=torch.long))
+
+
+def test_auto_chunks_keep_each_chunk_within_the_cpu_budget():
+    # 5-way 1-shot, 15 queries per class, 28x28: 80 images a task -> 8 tasks (501,760 elements) per chunk
+    assert chunks(_zeros_batch(32, 5, 75), 0) == [(i, i + 8) for i in range(0, 32, 8)]
+    # 1 query per class: the meta-batch of 32 (250,880 elements) is one chunk
+    assert chunks(_zeros_batch(32, 5, 5), 0) == [(0, 32)]
+    # near-equal chunks, never more tasks than fit, never fewer chunks than needed
+    got = chunks(_zeros_batch(20, 5, 75), 0)
+    assert got == [(0, 6), (6, 13), (13, 20)]
+    per_task = 80 * 28 * 28
+    assert all((b - a) * per_task <= AUTO_CHUNK_ELEMENTS for a, b in got)
+    # a task larger than the budget still gets a chunk of its own; no tasks, no chunks
+    assert chunks(_zeros_batch(2, 5, 1000), 0) == [(0, 1), (1, 2)]
+    assert chunks(_zeros_batch(0, 5, 5), 0) == []
+    # other devices take the whole shard; an explicit size wins over the budget
+    assert chunks(_zeros_batch(32, 5, 75, device="meta"), 0) == [(0, 32)]
+    assert chunks(_zeros_batch(32, 5, 75), 16) == [(0, 16), (16, 32)]
+
+
+@pytest.mark.parametrize("name", ["maml", "reptile"])
+def test_auto_chunked_meta_gradient_and_evaluation_equal_one_vmap_call(name, monkeypatch):
+    cfg = from_dict({"data": {"ways": 3, "shots": 1, "queries": 2, "image_size": 16}, "model": {"channels": 4},
+                     "algorithm": {"name": name, "inner_steps": 2}})
+    from mtl_ray.algorithms import TaskShape
+
+    shape = TaskShape("classification", (1, 16, 16), 3)
+    auto = build_learner(cfg, shape=shape)
+    whole = build_learner(cfg.replace(**{"algorithm.task_chunk_size": 5}), shape=shape)
+    params = {k: v.double() for k, v in initial_meta_params(cfg, auto).items()}
+    auto.model.double()
+    whole.model.double()
+    batch = _image_batch(5, 3, 1, 2, 16)
+    per_task = 9 * 16 * 16  # (3 support + 6 query) images
+    monkeypatch.setattr(algorithms_base, "AUTO_CHUNK_ELEMENTS", 2 * per_task)  # a budget this batch exceeds
+    assert chunks(batch, 0) == [(0, 1), (1, 3), (3, 5)]
+    seen: list[int] = []
+    if name == "maml":
+        inner = auto.algorithm.chunk_grad
+
+        def spy(p, fixed, sx, *rest):
+            seen.append(sx.shape[0])
+            return inner(p, fixed, sx, *rest)
+
+        monkeypatch.setattr(auto.algorithm, "chunk_grad", spy)
+    a = auto.algorithm.meta_gradient(params, batch)
+    b = whole.algorithm.meta_gradient(params, batch)
+    assert seen == ([1, 2, 2] if name == "maml" else [])
+    assert _rel_err(a.grads, b.grads) < 1e-12
+    assert a.metrics["loss"] == pytest.approx(b.metrics["loss"])
+    ea, eb = auto.algorithm.evaluate(params, batch, 2), whole.algorithm.evaluate(params, batch, 2)
+    for k in eb:
+        torch.testing.assert_close(ea[k], eb[k], rtol=1e-12, atol=1e-12)
 
 
 def test_anil_adapts_only_the_head():
