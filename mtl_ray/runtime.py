@@ -3,9 +3,9 @@
 Vectorised meta-gradients allocate and free large activations every step (one Conv4 layer-1
 activation for 32 tasks x 5 images is 32 MB). glibc serves such blocks with fresh ``mmap`` calls and
 returns them on ``free``, so each step page-faults its whole working set again. Keeping freed memory
-in the heap (``M_MMAP_MAX=0``, a high ``M_TRIM_THRESHOLD``) cut the main job's page faults 20x (4.7M
-to 0.2M in 6 steps) and made its steps 1.4x faster on 2 cores (docs/benchmarks.md). The cost is that a
-worker's resident memory stays at its peak.
+in the heap (``M_MMAP_MAX=0``, a high ``M_TRIM_THRESHOLD``) cut the main job's page faults from about
+4 million to 22,000 in 7 steps and made it 1.25-1.3x faster on 2 cores (docs/benchmarks.md). The cost is
+that a worker's resident memory stays at its peak.
 
 Also here: the fp32 arithmetic of CUDA convolutions and matmuls (:func:`fp32_precision`).
 """
