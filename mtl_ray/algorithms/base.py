@@ -111,15 +111,15 @@ def chunks(batch: TaskBatch, chunk_size: int) -> list[tuple[int, int]]:
     most :data:`AUTO_CHUNK_ELEMENTS` elements each (at least one task per chunk); elsewhere the whole batch.
     """
     n = batch.num_tasks
-    if chunk_size <= 0:
-        chunk_size = n
-        if n and batch.support_x.device.type == "cpu":
-            per_task = (batch.support_x.numel() + batch.query_x.numel()) // n
-            chunk_size = max(1, AUTO_CHUNK_ELEMENTS // max(per_task, 1))
-            parts = math.ceil(n / chunk_size)
-            bounds = [i * n // parts for i in range(parts + 1)]  # as many chunks, sizes within one task
-            return list(itertools.pairwise(bounds))
-    return [(i, min(i + chunk_size, n)) for i in range(0, n, max(chunk_size, 1))]
+    if chunk_size > 0:
+        return [(i, min(i + chunk_size, n)) for i in range(0, n, chunk_size)]
+    if not n:
+        return []
+    parts = 1
+    if batch.support_x.device.type == "cpu":
+        per_task = (batch.support_x.numel() + batch.query_x.numel()) // n
+        parts = math.ceil(n / max(1, AUTO_CHUNK_ELEMENTS // max(per_task, 1)))
+    return list(itertools.pairwise(i * n // parts for i in range(parts + 1)))  # sizes differ by at most one
 
 
 def add_into(total: Params | None, part: Mapping[str, torch.Tensor]) -> Params:

@@ -6,9 +6,19 @@ import pytest
 import torch
 from torch import nn
 
-from mtl_ray.algorithms import ANIL, MAML, MetaSGD, ProtoNet, Reptile, build_learner, initial_meta_params
+from mtl_ray.algorithms import (
+    ANIL,
+    MAML,
+    Learner,
+    MetaSGD,
+    ProtoNet,
+    Reptile,
+    TaskShape,
+    build_learner,
+    initial_meta_params,
+)
 from mtl_ray.algorithms import base as algorithms_base
-from mtl_ray.algorithms.base import AUTO_CHUNK_ELEMENTS, chunks
+from mtl_ray.algorithms.base import AUTO_CHUNK_ELEMENTS, Params, chunks
 from mtl_ray.config import from_dict
 from mtl_ray.data.base import TaskBatch
 
@@ -146,7 +156,6 @@ def test_vmapped_meta_gradient_equals_per_task_loop_float64_with_batchnorm(name,
     cfg = from_dict({"data": {"ways": 3, "shots": 2, "queries": 2, "image_size": 16},
                      "model": {"channels": 6, "conv_impl": impl},
                      "algorithm": {"name": name, "inner_steps": 2, "inner_lr": 0.3, "first_order": first_order}})
-    from mtl_ray.algorithms import TaskShape
 
     learner = build_learner(cfg, shape=TaskShape("classification", (1, 16, 16), 3))
     learner.model.double()
@@ -157,19 +166,22 @@ def test_vmapped_meta_gradient_equals_per_task_loop_float64_with_batchnorm(name,
     assert _rel_err(got, want) < 1e-10
 
 
-def test_meta_gradient_is_independent_of_chunking():
+def _float64_learners(name: str, inner_steps: int, *chunk_sizes: int) -> tuple[list[Learner], Params]:
+    """Conv4 learners for 3-way 1-shot 2-query 16x16 tasks, one per ``task_chunk_size``, in float64; shared params."""
     cfg = from_dict({"data": {"ways": 3, "shots": 1, "queries": 2, "image_size": 16}, "model": {"channels": 4},
-                     "algorithm": {"name": "maml", "inner_steps": 1}})
-    from mtl_ray.algorithms import TaskShape
-
+                     "algorithm": {"name": name, "inner_steps": inner_steps}})
     shape = TaskShape("classification", (1, 16, 16), 3)
-    whole = build_learner(cfg, shape=shape)
-    chunked = build_learner(cfg.replace(**{"algorithm.task_chunk_size": 2}), shape=shape)
-    assert chunks(_image_batch(5, 3, 1, 2, 16), 2) == [(0, 2), (2, 4), (4, 5)]
-    params = {k: v.double() for k, v in initial_meta_params(cfg, whole).items()}
-    whole.model.double()
-    chunked.model.double()
+    learners = [build_learner(cfg.replace(**{"algorithm.task_chunk_size": c}), shape=shape) for c in chunk_sizes]
+    params = {k: v.double() for k, v in initial_meta_params(cfg, learners[0]).items()}
+    for learner in learners:
+        learner.model.double()
+    return learners, params
+
+
+def test_meta_gradient_is_independent_of_chunking():
+    (whole, chunked), params = _float64_learners("maml", 1, 0, 2)
     batch = _image_batch(5, 3, 1, 2, 16)
+    assert chunks(batch, 2) == [(0, 2), (2, 4), (4, 5)]
     a = whole.algorithm.meta_gradient(params, batch)
     b = chunked.algorithm.meta_gradient(params, batch)
     assert _rel_err(a.grads, b.grads) < 1e-12
@@ -202,16 +214,7 @@ def test_auto_chunks_keep_each_chunk_within_the_cpu_budget():
 
 @pytest.mark.parametrize("name", ["maml", "reptile"])
 def test_auto_chunked_meta_gradient_and_evaluation_equal_one_vmap_call(name, monkeypatch):
-    cfg = from_dict({"data": {"ways": 3, "shots": 1, "queries": 2, "image_size": 16}, "model": {"channels": 4},
-                     "algorithm": {"name": name, "inner_steps": 2}})
-    from mtl_ray.algorithms import TaskShape
-
-    shape = TaskShape("classification", (1, 16, 16), 3)
-    auto = build_learner(cfg, shape=shape)
-    whole = build_learner(cfg.replace(**{"algorithm.task_chunk_size": 5}), shape=shape)
-    params = {k: v.double() for k, v in initial_meta_params(cfg, auto).items()}
-    auto.model.double()
-    whole.model.double()
+    (auto, whole), params = _float64_learners(name, 2, 0, 5)
     batch = _image_batch(5, 3, 1, 2, 16)
     per_task = 9 * 16 * 16  # (3 support + 6 query) images
     monkeypatch.setattr(algorithms_base, "AUTO_CHUNK_ELEMENTS", 2 * per_task)  # a budget this batch exceeds
