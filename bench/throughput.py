@@ -9,7 +9,9 @@ Measures tasks/s of one meta-batch's forward + meta-gradient (no outer optimiser
    first block's batch norm folded into one GEMM), with ``"native"`` (``F.conv2d`` + batch norm in every
    block) and ``"im2col"``, and a per-task loop using ``F.conv2d`` / ``F.batch_norm``;
 3. the Conv4 first layer (1 -> 64 channels, 3x3, pad 1, 28x28) forward + backward under ``vmap`` with
-   per-task weights (32 tasks x 5 images) in several formulations, in GFLOP/s.
+   per-task weights (32 tasks x 5 images) in several formulations, in GFLOP/s;
+4. ``accuracy``: the second-order Conv4 meta-gradient in float32 against float64 (1 and 5 inner steps),
+   vectorised and per-task loop, with the metric of ``algorithm.compile``'s check.
 
 Before timing, every vectorised path is checked against the loop in float64 on a small instance.
 Timing: ``time.perf_counter``, 2 warm-up iterations, median of the repeats. Each Conv4 implementation is
@@ -51,6 +53,7 @@ import torch.nn.functional as F
 from torch.func import vjp, vmap
 
 from mtl_ray.algorithms import build_algorithm
+from mtl_ray.algorithms.base import compile_difference
 from mtl_ray.config import Config, from_dict
 from mtl_ray.data.base import TaskBatch
 from mtl_ray.data.sinusoid import SinusoidTaskSource
@@ -228,6 +231,15 @@ def check(setup: Setup, tasks: int) -> float:
     return rel_error(vectorised_for(s)(s.params, batch), loop_for(s)(s.params, batch))
 
 
+def fp32_error(setup: Setup, impl: str) -> tuple[float, str]:
+    """Worst per-tensor relative distance (``compile_difference``) of a float32 meta-gradient from float64."""
+    fn = loop_for if impl == "loop" else vectorised_for
+    got = fn(setup)(setup.params, setup.batch)
+    s64 = setup.to64()
+    ref = vectorised_for(s64)(s64.params, s64.batch)  # equals the loop's to ~1e-14 (check())
+    return compile_difference({k: v.double() for k, v in got.items()}, ref)
+
+
 # --------------------------------------------------------------------------- sections
 
 
@@ -335,21 +347,46 @@ def bench_conv(args: argparse.Namespace) -> dict[str, Any]:
         spec = {"tasks": tasks, "inner_steps": steps, "first_order": fo, "queries": queries, "device": dev,
                 "precision": args.precision, "threads": args.threads, "repeats": args.repeats}
         times: dict[str, list[float]] = {name: [] for name in IMPLS}
+        # Per round, the ratio of two processes run minutes apart at most: the VM's speed drifts more
+        # than that between rounds, and not alike for both sides (docs/benchmarks.md).
+        per_round: dict[str, list[float]] = {name: [] for name in VECTORISED}
         for _ in range(args.rounds):  # each implementation in its own process, in turns
+            medians = {}
             for name in IMPLS:
                 one = measure_in_process({**spec, "impl": name})
                 times[name] += one["times_s"]
+                medians[name] = statistics.median(one["times_s"])
                 if "peak_mem_mib" in one:
                     row.setdefault(name, {})["peak_mem_mib"] = one["peak_mem_mib"]
+            for name in VECTORISED:
+                per_round[name].append(medians["loop"] / medians[name])
         for name, t in times.items():
             row[name] = {**summary(t, tasks), **row.get(name, {})}
         for name in VECTORISED:
             row[f"ratio_{name}_loop"] = row[name]["tasks_per_s"] / row["loop"]["tasks_per_s"]
+            row[f"ratio_{name}_loop_per_round"] = per_round[name]
         print(f"  q={queries:2d} steps={steps} {row['order']}: "
               + "  ".join(f"{name} {row[name]['tasks_per_s']:7.1f}" for name in IMPLS)
-              + f" tasks/s  folded/loop {row['ratio_folded_loop']:.2f}x", flush=True)
+              + f" tasks/s  folded/loop {row['ratio_folded_loop']:.2f}x (rounds "
+              + ", ".join(f"{r:.2f}" for r in per_round["folded"]) + ")", flush=True)
         rows.append(row)
     return {"checks_rel_err": checks, "rows": rows}
+
+
+def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
+    """Second-order Conv4 meta-gradient in float32 against float64, vectorised (folded) and the per-task loop.
+
+    The same metric as ``algorithm.compile``'s check (worst tensor, relative, with a floor of 1e-2 of the
+    whole gradient's norm), on 8 random 5-way 1-shot tasks, 1 query per class.
+    """
+    rows = []
+    for steps in (1, 5):
+        setup = conv_setup(tasks=8, inner_steps=steps, first_order=False, queries=1)
+        for impl in ("folded", "loop"):
+            err, worst = fp32_error(setup, impl)
+            rows.append({"inner_steps": steps, "impl": impl, "rel_err": err, "worst": worst})
+            print(f"  {steps} inner step(s), {impl:6s}: float32 vs float64 {err:.1e} (worst: {worst})", flush=True)
+    return {"rows": rows}
 
 
 # --------------------------------------------------------------------------- layer 1 microbenchmark
@@ -519,6 +556,7 @@ def print_tables(res: dict[str, Any]) -> None:
             print(f"  {r['queries']:>7} {r['inner_steps']:>5} {r['order']:>5} | "
                   + " ".join(f"{r[n]['tasks_per_s']:8.1f}" for n in IMPLS) + " | "
                   + " ".join(f"{r[f'ratio_{n}_loop']:10.2f}x" for n in VECTORISED)
+                  + "  folded/loop by round " + ", ".join(f"{x:.2f}" for x in r["ratio_folded_loop_per_round"])
                   + (f"  peak MiB folded {r['folded']['peak_mem_mib']:.0f} loop {r['loop']['peak_mem_mib']:.0f}"
                      if "peak_mem_mib" in r["folded"] else ""))
         print("  (target: folded/loop, the default, >= 2x for 2nd order)")
@@ -543,8 +581,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; quick 3)")
     p.add_argument("--all-cases", action="store_true",
                    help="also the 15-query grid (1/5 steps, 1st order): several more minutes")
-    p.add_argument("--sections", default="sinusoid,conv4,layer1",
-                   help="comma-separated subset of sinusoid,conv4,layer1")
+    p.add_argument("--sections", default="sinusoid,conv4,layer1,accuracy",
+                   help="comma-separated subset of sinusoid,conv4,layer1,accuracy")
     p.add_argument("--rounds", type=int, default=2,
                    help="Conv4: processes per implementation, alternating (default 2; quick 1)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -579,6 +617,9 @@ def main(argv: list[str] | None = None) -> int:
     if "conv4" in sections:
         print(f"[conv4] precision {args.precision}", flush=True)
         res["conv4"] = bench_conv(args)
+    if "accuracy" in sections:
+        print("[accuracy] second-order Conv4 meta-gradient, float32 vs float64", flush=True)
+        res["accuracy"] = bench_accuracy(args)
     if "layer1" in sections:
         print("[layer1]", flush=True)
         res["layer1"] = bench_layer1(args)
