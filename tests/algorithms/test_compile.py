@@ -58,7 +58,8 @@ def test_a_different_compiled_meta_gradient_is_an_error_not_a_wrong_update(monke
     learner = build_learner(_cfg(True))
     params = initial_meta_params(_cfg(True), learner)
     with pytest.raises(CompileMismatchError,
-                       match=r"differs from the eager one by 0\.9\d* \(relative, worst in .*\).*compile=false"):
+                       match=r"is 0\.9\d* from the float64 eager one \(relative, worst in .*\), expected <= 0\.001 "
+                             r".*compile=false"):
         learner.algorithm.meta_gradient(params, learner.source.sample("train", 0, range(4)))
 
 
@@ -86,6 +87,37 @@ def test_rounding_noise_on_a_zero_meta_gradient_is_not_a_mismatch(monkeypatch, o
     monkeypatch.setattr(algorithms_base.torch, "compile", _stand_in_compiler(off))
     with pytest.raises(CompileMismatchError, match=r"worst in body.1.conv.weight"):
         build_learner(cfg).algorithm.meta_gradient(params, batch)
+
+
+def test_the_check_measures_against_float64_not_against_eager_float32(monkeypatch):
+    """With several inner steps eager float32 is itself far from float64 (5e-3 for 5-step Conv4), so a compiled
+    gradient is judged by its distance from float64: as close as eager passes even when it differs from eager
+    by more than the tolerance; further than COMPILE_SLACK x eager's distance fails. The tolerance is set
+    below float32 rounding here so that a fast sinusoid model shows both cases."""
+    monkeypatch.setattr(algorithms_base, "COMPILE_RTOL", 1e-12)
+    learner = build_learner(_cfg(True))
+    params = initial_meta_params(_cfg(True), learner)
+    batch = learner.source.sample("train", 0, range(4))
+    alg = learner.algorithm
+    eager = alg._eager_chunk_grad()
+    task = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+    want32 = eager(params, {}, *task)[0]
+    ref = eager({k: v.double() for k, v in params.items()}, {}, *(t.double() if t.is_floating_point() else t
+                                                                     for t in task))[0]
+    eager_err, _ = algorithms_base.compile_difference({k: v.double() for k, v in want32.items()}, ref)
+    assert eager_err > 1e-12  # the premise: float32 rounding is above the (lowered) tolerance
+
+    def exact(k, v, grads):  # what a more accurate compiler would return: float64's gradient, rounded once
+        return ref[k].float()
+    monkeypatch.setattr(algorithms_base.torch, "compile", _stand_in_compiler(exact))
+    got = build_learner(_cfg(True)).algorithm.meta_gradient(params, batch).grads
+    assert max(float((got[k] - want32[k]).abs().max()) for k in got) > 0  # differs from eager, and passed
+
+    def worse(k, v, grads):  # ten times eager float32's error
+        return (ref[k] + 10 * (v.double() - ref[k])).float()
+    monkeypatch.setattr(algorithms_base.torch, "compile", _stand_in_compiler(worse))
+    with pytest.raises(CompileMismatchError, match=r"float32 eager one's"):
+        build_learner(_cfg(True)).algorithm.meta_gradient(params, batch)
 
 
 def test_reptile_has_nothing_to_compile():
