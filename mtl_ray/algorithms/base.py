@@ -241,13 +241,14 @@ class FunctionalAlgorithm:
         chunk's float32 memory). Comparing with eager float32 alone would refuse a compiled gradient that
         differs from it only as much as float32 rounding already moves either of them.
         """
-        def f64(t: torch.Tensor) -> torch.Tensor:
-            return t.double() if t.is_floating_point() else t
+        def f64(p: Params) -> Params:
+            return {k: v.double() for k, v in p.items()}
 
-        ref = self._eager({k: f64(v) for k, v in params.items()}, {k: f64(v) for k, v in fixed.items()},
-                          *map(f64, task))[0]
-        eager_err, _ = compile_difference({k: f64(v) for k, v in self._eager(params, fixed, *task)[0].items()}, ref)
-        err, worst = compile_difference({k: f64(v) for k, v in got.items()}, ref)
+        batch64 = TaskBatch(*task).to(task[0].device, torch.float64)  # labels stay integer
+        ref = self._eager(f64(params), f64(fixed), batch64.support_x, batch64.support_y, batch64.query_x,
+                          batch64.query_y)[0]
+        eager_err, _ = compile_difference(f64(self._eager(params, fixed, *task)[0]), ref)
+        err, worst = compile_difference(f64(got), ref)
         limit = max(COMPILE_RTOL, COMPILE_SLACK * eager_err)
         if not err <= limit:
             raise CompileMismatchError(

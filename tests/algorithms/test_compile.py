@@ -102,8 +102,9 @@ def test_the_check_measures_against_float64_not_against_eager_float32(monkeypatc
     eager = alg._eager_chunk_grad()
     task = (batch.support_x, batch.support_y, batch.query_x, batch.query_y)
     want32 = eager(params, {}, *task)[0]
-    ref = eager({k: v.double() for k, v in params.items()}, {}, *(t.double() if t.is_floating_point() else t
-                                                                     for t in task))[0]
+    b64 = batch.to(batch.support_x.device, torch.float64)
+    ref = eager({k: v.double() for k, v in params.items()}, {}, b64.support_x, b64.support_y, b64.query_x,
+                b64.query_y)[0]
     eager_err, _ = algorithms_base.compile_difference({k: v.double() for k, v in want32.items()}, ref)
     assert eager_err > 1e-12  # the premise: float32 rounding is above the (lowered) tolerance
 
