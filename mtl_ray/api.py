@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,13 @@ from mtl_ray.runtime import fp32_precision
 
 __all__ = ["AdaptedLearner", "FewShotLearner"]
 
+# torch.func's transforms keep process-wide state, so two threads adapting at once (MAML's inner loop is
+# torch.func.grad) break each other: 8 threads x 20 adapt + predict on one sinusoid MAML model raised "One of the
+# differentiated Tensors does not require grad" 29 times and silently returned different predictions 92 times out of
+# 160. fp32_precision sets process-wide flags too. MLflow's scoring server runs each request in a thread of its own
+# (asyncio.to_thread), so every computation below holds this lock: concurrent calls are correct, one at a time.
+_COMPUTE = threading.Lock()
+
 
 @dataclass(frozen=True)
 class AdaptedLearner:
@@ -41,7 +49,7 @@ class AdaptedLearner:
         """``query_x [Q, *x_shape]`` -> scores ``[Q, N]`` (logits, or values ``[Q, 1]`` for regression)."""
         lrn = self.learner
         x = lrn._check_x(query_x, "query_x")
-        with torch.no_grad(), fp32_precision(lrn.cfg.scaling.precision):
+        with _COMPUTE, torch.no_grad(), fp32_precision(lrn.cfg.scaling.precision):
             return self.algorithm.predict(self.params, self.state, x)
 
     def predict(self, query_x: torch.Tensor) -> list[Any] | torch.Tensor:
@@ -116,9 +124,10 @@ class FewShotLearner:
                                 f"{self.cfg.algorithm.name} model has a {self.shape.ways}-way head)")
             index = {c: i for i, c in enumerate(classes)}
             y = torch.tensor([index[v] for v in labels], dtype=torch.long, device=self.device)
-        learner, params = self._learner(ways)
         steps = self.default_steps if steps is None else steps
-        with torch.no_grad(), fp32_precision(self.cfg.scaling.precision):  # the arithmetic `mtl-ray eval` uses
+        # fp32_precision: the arithmetic `mtl-ray eval` uses
+        with _COMPUTE, torch.no_grad(), fp32_precision(self.cfg.scaling.precision):
+            learner, params = self._learner(ways)  # cached per way count, in a dict the threads share
             state = learner.algorithm.adapt(params, x, y, steps)
         return AdaptedLearner(self, learner.algorithm, params, state, classes)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -165,19 +166,52 @@ def test_log_needs_an_active_run_and_a_checkpoint(digits, tracking, tmp_path):
         log_fewshot_model(tmp_path)
 
 
-def test_regression_model_predicts_values(tmp_path, tracking):
+@pytest.fixture(scope="module")
+def sinusoid_maml(tmp_path_factory, tracking):
+    """(run directory, test tasks, ModelInfo): a MAML regressor, whose adaptation is torch.func.grad steps."""
     cfg = from_dict({"data": {"source": "sinusoid", "shots": 5, "queries": 4}, "model": {"name": "mlp",
                      "hidden_sizes": [8]}, "algorithm": {"name": "maml"},
                      "optim": {"steps": 2, "meta_batch_size": 2, "val_every": 0},
                      "tracking": {"checkpoint_every": 0, "progress": False, "mlflow": False}})
-    _train(cfg, tmp_path / "run")
-    task = build_task_source(cfg).sample("test", 0, [0])
+    run = tmp_path_factory.mktemp("sinusoid") / "run"
+    _train(cfg, run)
+    tasks = build_task_source(cfg).sample("test", 0, range(8))
     with mlflow.start_run(experiment_id=tracking):
-        info = log_fewshot_model(tmp_path / "run")  # a run directory: its newest checkpoint
+        info = log_fewshot_model(run)  # a run directory: its newest checkpoint
+    return run, tasks, info
+
+
+def _regression_inputs(tasks, i: int) -> dict[str, np.ndarray]:
+    return {"support_x": tasks.support_x[i].numpy(), "support_y": tasks.support_y[i, :, 0].numpy(),
+            "query_x": tasks.query_x[i].numpy()}
+
+
+def test_regression_model_predicts_values(sinusoid_maml):
+    run, tasks, info = sinusoid_maml
     model = mlflow.pyfunc.load_model(info.model_uri)
-    got = model.predict({"support_x": task.support_x[0].numpy(), "support_y": task.support_y[0, :, 0].numpy(),
-                         "query_x": task.query_x[0].numpy()})
-    want = FewShotLearner.from_checkpoint(tmp_path / "run").adapt(task.support_x[0], task.support_y[0]) \
-        .predict(task.query_x[0])
+    got = model.predict(_regression_inputs(tasks, 0))
+    want = FewShotLearner.from_checkpoint(run).adapt(tasks.support_x[0], tasks.support_y[0]).predict(tasks.query_x[0])
     assert got.dtype == np.float32 and got.shape == (4,)
     np.testing.assert_allclose(got, want.reshape(-1).numpy(), rtol=1e-6)
+
+
+def test_concurrent_requests_answer_as_one_at_a_time(sinusoid_maml):
+    """The scoring server runs each request in a thread (asyncio.to_thread); torch.func's inner loop is not
+    thread-safe, so without the API's lock some answers were errors and others silently different."""
+    _run, tasks, info = sinusoid_maml
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    schema = model.metadata.get_input_schema()
+    bodies = [json.dumps({"inputs": {k: v.tolist() for k, v in _regression_inputs(tasks, i).items()}})
+              for i in range(tasks.num_tasks)]
+
+    def answer(i: int) -> str:
+        res = scoring_server.invocations(bodies[i], "application/json", model, schema)
+        assert res.status == 200, res.response
+        return res.response
+
+    want = [answer(i) for i in range(tasks.num_tasks)]
+    assert len(set(want)) == len(want)  # different tasks, different answers: a mix-up would show
+    order = [i for _ in range(10) for i in range(tasks.num_tasks)]
+    with ThreadPoolExecutor(max_workers=tasks.num_tasks) as pool:
+        got = list(pool.map(answer, order))
+    assert got == [want[i] for i in order]
