@@ -97,8 +97,9 @@ class AlgorithmConfig:
     # tasks per vmap call; 0 (auto): on CPU, chunks of at most ~670 28x28 images of input, on GPU the whole shard
     task_chunk_size: int = 0
     # torch.compile the meta-gradient (each new task shape is checked once against eager float64; a compiled
-    # gradient less accurate than eager float32 is an error). Measured 8x faster for the sinusoid MLP; for
-    # second-order Conv4 on CPU 1.18x, but its float32 gradient was 1-2% off (refused by the check).
+    # gradient less accurate than eager float32 is an error). Measured 8x faster for the sinusoid MLP. Second-order
+    # Conv4 on CPU: conv_impl=native 1.18x but 1-2% off in float32 (refused); folded, 1 inner step 1.29x (passes),
+    # 5 steps slower than eager (docs/benchmarks.md).
     compile: bool = False
 
 
