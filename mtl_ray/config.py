@@ -30,6 +30,10 @@ ALGORITHMS = ("maml", "metasgd", "reptile", "anil", "protonet", "relationnet", "
 OPTIMIZERS = ("adam", "sgd")
 DOWNSAMPLE = ("pool", "stride")
 CONV_IMPLS = ("folded", "native", "im2col")
+# model.norm: where batch-norm statistics come from (docs/architecture.md, "Normalisation")
+NORM_SUPPORT = "support"  # the task's support set, fixed at adaptation: a query's answer depends on nothing else
+NORM_TRANSDUCTIVE = "transductive"  # each forward pass's own batch: a query's answer depends on the other queries
+NORMS = (NORM_SUPPORT, NORM_TRANSDUCTIVE)
 OMNIGLOT_ARCHIVES = (
     "images_background",
     "images_evaluation",
@@ -82,6 +86,10 @@ class ModelConfig:
     downsample: str = "pool"  # "pool": 2x2 max-pool per block (Vinyals et al.); "stride": stride-2 convs
     # "folded" (first block: batch norm folded into one GEMM, others F.conv2d), "native" (F.conv2d), "im2col"
     conv_impl: str = "folded"
+    # Batch-norm statistics: "support" (the task's support set, the same in training, eval, the API and serving;
+    # a query's prediction depends on the support set and itself only) or "transductive" (each batch's own, as in
+    # MAML's reference code and the papers that report it: predictions depend on the other queries of a call).
+    norm: str = NORM_SUPPORT
     # A checkpoint (file, run dir or pyarrow.fs URI) whose body weights start meta-training, usually one
     # `mtl-ray pretrain` wrote. Full mode: every algorithm but mtl fine-tunes them; algorithm.name=mtl freezes them.
     init: str = ""
@@ -394,6 +402,7 @@ def check_static(cfg: Config) -> list[str]:
     _choice(p, "optim.optimizer", o.optimizer, OPTIMIZERS)
     _choice(p, "model.downsample", m.downsample, DOWNSAMPLE)
     _choice(p, "model.conv_impl", m.conv_impl, CONV_IMPLS)
+    _choice(p, "model.norm", m.norm, NORMS)
     for name in d.archives:
         _choice(p, "data.archives", name, OMNIGLOT_ARCHIVES)
     if not is_regression(cfg) and d.ways < 2:

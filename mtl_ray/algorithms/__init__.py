@@ -56,7 +56,7 @@ def build_algorithm(cfg: Config, model: nn.Module, kind: str, ways: int) -> Func
     if a.name not in ALGORITHMS:
         raise ValueError(f"algorithm.name: got {a.name!r}, expected one of {', '.join(ALGORITHMS)}")
     kwargs = dict(kind=kind, inner_lr=a.inner_lr, inner_steps=a.inner_steps, first_order=a.first_order,
-                  chunk_size=a.task_chunk_size, compile=a.compile)
+                  chunk_size=a.task_chunk_size, compile=a.compile, norm=cfg.model.norm)
     cls = ALGORITHMS[a.name]
     if cls in (ProtoNet, RelationNetwork):
         return cls(model, ways=ways, **kwargs)

@@ -9,6 +9,13 @@ step counts); all state lives in a flat parameter dict ``Params``. Its methods a
   the *sum* over the batch's tasks of each task's meta-gradient, the task count and metric sums.
 * ``evaluate(params, batch, steps) -> {metric: [T]}``       adapt on support, score on query.
 
+Normalisation (``norm``, docs/architecture.md "Normalisation"): with ``"support"`` (the default) every
+forward pass over query examples carries the task's support set in front of them and normalises with
+the support rows' statistics only (:meth:`FunctionalAlgorithm.forward`), so ``adapt`` keeps the support
+inputs in its state under :data:`SUPPORT_X` and a query's output is a function of the support set and
+that query alone: the same alone, in any subset or order. ``"transductive"`` normalises every batch
+with its own statistics.
+
 Per-task work is vectorised with ``torch.func.vmap`` over tasks, in chunks of ``chunk_size`` tasks
 (0: sized to bound memory on CPU, see :func:`chunks`) so memory stays bounded; there is no Python loop
 over tasks or deep-copied models.
@@ -27,12 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from mtl_ray.config import NORM_SUPPORT, NORMS
 from mtl_ray.data.base import TaskBatch, TaskKind
 
 Params = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
 
 EXTRA_PREFIX = "meta."  # non-model meta-parameters, e.g. Meta-SGD's learned inner rates
+# The state entry holding the support inputs ``[S, *x_shape]`` whose statistics normalise queries (norm="support").
+SUPPORT_X = "norm.support_x"
 
 # algorithm.task_chunk_size=0 (auto) on CPU: at most this many input elements per vmap call (about 670 Omniglot
 # 28x28 images), because a chunk's activations (and their second-order graph) scale with it. The main job (5-way
@@ -150,8 +160,14 @@ class FunctionalAlgorithm:
     name = "base"
 
     def __init__(self, model: nn.Module, *, kind: TaskKind, inner_lr: float = 0.0, inner_steps: int = 0,
-                 first_order: bool = False, chunk_size: int = 0, compile: bool = False):
+                 first_order: bool = False, chunk_size: int = 0, compile: bool = False, norm: str = NORM_SUPPORT):
+        if norm not in NORMS:
+            raise ValueError(f"norm: got {norm!r}, expected one of {', '.join(NORMS)}")
         self.model = model
+        self.norm = norm
+        # Only models with batch norm need the support set in front of their queries (the MLP has none).
+        self.support_normalised = norm == NORM_SUPPORT and any(
+            isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
         self.kind: TaskKind = kind
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
@@ -172,7 +188,30 @@ class FunctionalAlgorithm:
         return {k: v for k, v in params.items() if not k.startswith(EXTRA_PREFIX)}
 
     def apply(self, params: Params, x: torch.Tensor) -> torch.Tensor:
+        """The whole model on ``x`` alone: batch statistics from ``x`` (the support set itself, in ``adapt``)."""
         return functional_call(self.model, params, (x,))
+
+    def keep_support(self, state: State, support_x: torch.Tensor) -> State:
+        """``adapt``'s result: ``state`` plus the support inputs when they normalise the queries."""
+        return {**state, SUPPORT_X: support_x} if self.support_normalised else state
+
+    @staticmethod
+    def weights(state: State) -> Params:
+        """An adapted state's weights, without the support inputs it may carry."""
+        return {k: v for k, v in state.items() if k != SUPPORT_X}
+
+    def forward(self, module: nn.Module, weights: Params, x: torch.Tensor, state: State) -> torch.Tensor:
+        """``module`` on query inputs ``x [Q, ...]`` -> ``[Q, ...]``, normalised as ``self.norm`` says.
+
+        With the support inputs in ``state`` (norm="support") they run in front of ``x`` in the same call
+        and alone give the statistics (``ref``): output ``i`` depends on the support set and ``x[i]`` only.
+        Otherwise ``x`` is normalised with its own statistics (transductive).
+        """
+        support = state.get(SUPPORT_X)
+        if support is None:
+            return functional_call(module, weights, (x,))
+        n = support.shape[0]
+        return functional_call(module, weights, (torch.cat([support, x]),), {"ref": n})[n:]
 
     def init_params(self, model_params: Params) -> Params:
         return dict(model_params)

@@ -59,10 +59,10 @@ class MAML(FunctionalAlgorithm):
         def support_loss(p: Params) -> torch.Tensor:
             return self.loss(self.apply(p, support_x), support_y)
 
-        return sgd_steps(support_loss, fast, lrs, steps, self.first_order)
+        return self.keep_support(sgd_steps(support_loss, fast, lrs, steps, self.first_order), support_x)
 
     def predict(self, params: Params, state: State, query_x: torch.Tensor) -> torch.Tensor:
-        return self.apply(state, query_x)
+        return self.forward(self.model, self.weights(state), query_x, state)
 
 
 class MetaSGD(MAML):
@@ -84,8 +84,9 @@ class ANIL(MAML):
 
     name = "anil"
 
-    def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model.body, sub(params, "body."), (x,)).flatten(1)
+    def features(self, params: Params, x: torch.Tensor, state: State | None = None) -> torch.Tensor:
+        """Body features ``[M, D]`` of ``x``; with an adapted ``state``, normalised as its queries are."""
+        return self.forward(self.model.body, sub(params, "body."), x, state or {}).flatten(1)
 
     def head(self, head_params: Params, z: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model.head, sub(head_params, HEAD_PREFIX), (z,))
@@ -97,7 +98,8 @@ class ANIL(MAML):
         def support_loss(h: Params) -> torch.Tensor:
             return self.loss(self.head(h, z), support_y)
 
-        return sgd_steps(support_loss, fast, dict.fromkeys(fast, self.inner_lr), steps, self.first_order)
+        head = sgd_steps(support_loss, fast, dict.fromkeys(fast, self.inner_lr), steps, self.first_order)
+        return self.keep_support(head, support_x)
 
     def predict(self, params: Params, state: State, query_x: torch.Tensor) -> torch.Tensor:
-        return self.head(state, self.features(params, query_x))
+        return self.head(self.weights(state), self.features(params, query_x, state))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from mtl_ray.algorithms.base import FunctionalAlgorithm, Params, State
+from mtl_ray.algorithms.base import SUPPORT_X, FunctionalAlgorithm, Params, State
 from mtl_ray.algorithms.gradient import sub
 
 
@@ -29,19 +29,20 @@ class ProtoNet(FunctionalAlgorithm):
         super().__init__(model, **kwargs)
         self.ways = ways
 
-    def embed(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model.body, sub(params, "body."), (x,)).flatten(1)
+    def embed(self, params: Params, x: torch.Tensor, state: State | None = None) -> torch.Tensor:
+        """Embeddings ``[M, D]`` of ``x``; with an adapted ``state``, normalised as its queries are."""
+        return self.forward(self.model.body, sub(params, "body."), x, state or {}).flatten(1)
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int = 0) -> State:
         """Prototypes ``[N, D]``: the mean embedding of each class's support examples."""
         z = self.embed(params, support_x)  # [N*K, D]
         onehot = one_hot(support_y, self.ways, z.dtype)  # [N*K, N]
         protos = (onehot.t() @ z) / onehot.sum(0).clamp_min(1.0).unsqueeze(-1)
-        return {"prototypes": protos}
+        return self.keep_support({"prototypes": protos}, support_x)
 
     def predict(self, params: Params, state: State, query_x: torch.Tensor) -> torch.Tensor:
         """Logits ``[Q, N]`` = ``-||f(x_q) - c_n||^2``."""
-        zq = self.embed(params, query_x)  # [Q, D]
+        zq = self.embed(params, query_x, state)  # [Q, D]
         return -(zq.unsqueeze(1) - state["prototypes"].unsqueeze(0)).pow(2).sum(-1)
 
 
@@ -64,15 +65,23 @@ class RelationNetwork(FunctionalAlgorithm):
         f = self.encode(params, support_x)
         onehot = one_hot(support_y, self.ways, f.dtype)  # [N*K, N]
         summed = onehot.t() @ f.flatten(1)
-        return {"class_features": summed.view(self.ways, *f.shape[1:])}
+        return self.keep_support({"class_features": summed.view(self.ways, *f.shape[1:])}, support_x)
 
     def predict(self, params: Params, state: State, query_x: torch.Tensor) -> torch.Tensor:
-        """Relation scores ``[Q, N]`` in (0, 1)."""
-        fq = self.encode(params, query_x)  # [Q, C, s, s]
+        """Relation scores ``[Q, N]`` in (0, 1).
+
+        Under norm="support" the relation module's statistics come from the support examples' pairs with
+        the classes, which run in front of the queries' pairs (as the embedding's come from the support set).
+        """
+        support = state.get(SUPPORT_X)
+        s = 0 if support is None else support.shape[0]
+        x = query_x if support is None else torch.cat([support, query_x])
+        f = functional_call(self.model.body, sub(params, "body."), (x,), {"ref": s or None})  # [S+Q, C, s, s]
         fc = state["class_features"]  # [N, C, s, s]
-        q, n = fq.shape[0], fc.shape[0]
-        pairs = torch.cat([fc.unsqueeze(0).expand(q, *fc.shape), fq.unsqueeze(1).expand(q, n, *fq.shape[1:])],
-                          dim=2).flatten(0, 1)  # [Q*N, 2C, s, s]
-        z = functional_call(self.model.relation, sub(params, "relation."), (pairs,)).flatten(1)
-        z = torch.relu(functional_call(self.model.fc1, sub(params, "fc1."), (z,)))
-        return torch.sigmoid(functional_call(self.model.fc2, sub(params, "fc2."), (z,))).view(q, n)
+        m, n = f.shape[0], fc.shape[0]
+        pairs = torch.cat([fc.unsqueeze(0).expand(m, *fc.shape), f.unsqueeze(1).expand(m, n, *f.shape[1:])],
+                          dim=2).flatten(0, 1)  # [(S+Q)*N, 2C, s, s]
+        z = functional_call(self.model.relation, sub(params, "relation."), (pairs,), {"ref": s * n or None})
+        z = torch.relu(functional_call(self.model.fc1, sub(params, "fc1."), (z.flatten(1),)))
+        scores = torch.sigmoid(functional_call(self.model.fc2, sub(params, "fc2."), (z,))).view(m, n)
+        return scores[s:]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtl_ray.algorithms.base import EXTRA_PREFIX, Params
+from mtl_ray.algorithms.base import EXTRA_PREFIX, Params, State
 from mtl_ray.algorithms.gradient import ANIL
 from mtl_ray.models import BODY_PREFIX, HEAD_PREFIX, body_params, modulated_layers
 
@@ -68,5 +68,5 @@ class MTL(ANIL):
             body[f"{layer}.bias"] = body[f"{layer}.bias"] + params[self.SHIFT + layer]
         return body
 
-    def features(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        return super().features({**params, **self.modulated_body(params)}, x)
+    def features(self, params: Params, x: torch.Tensor, state: State | None = None) -> torch.Tensor:
+        return super().features({**params, **self.modulated_body(params)}, x, state)

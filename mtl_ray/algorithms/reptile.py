@@ -29,7 +29,7 @@ class Reptile(MAML):
         def per_task(p, sx, sy, qx, qy):
             phi = self.adapt(p, sx, sy, steps)
             out = self.predict(p, phi, qx)
-            delta = {k: p[k] - phi[k] for k in phi}
+            delta = {k: p[k] - v for k, v in self.weights(phi).items()}
             return delta, task_metrics(self.kind, out, qy, self.loss(out, qy))
 
         batched = vmap(per_task, in_dims=(None, 0, 0, 0, 0))

@@ -2,8 +2,10 @@
 
 Batch norm is written out by hand: torch 2.13's built-in batch norm under ``vmap(grad)`` gives a
 silently wrong second-order meta-gradient (see ../shared/notes/torch-func-facts.md, functorch issue
-534). Statistics are always the batch's own (per task under ``vmap``; the "transductive" mode that
-MAML's reference implementation uses), so no running buffers exist and train/eval behave the same.
+534). There are no running buffers: statistics come from the input itself, from its first ``ref`` rows
+when ``ref`` is given (the support set, which the algorithms put first: ``model.norm=support``,
+docs/architecture.md "Normalisation"), else from all of its rows (``model.norm=transductive``, the
+mode of MAML's reference implementation, in which a query's output depends on the other queries).
 
 Convolutions (``model.conv_impl``):
 
@@ -28,21 +30,24 @@ BN_EPS = 1e-5
 STEM_MAX_PATCH = 27
 
 
-def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = BN_EPS) -> torch.Tensor:
+def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = BN_EPS,
+               ref: int | None = None) -> torch.Tensor:
     """Batch-statistics norm over all dims but 1: ``x [N, C, ...]``, ``weight, bias [C]``.
 
+    The statistics are those of ``x[:ref]`` (all of ``x`` when ``ref`` is None), so with ``ref`` set an
+    output row ``i >= ref`` depends on the reference rows and row ``i`` alone.
     Folded into one per-channel scale and shift (``x * scale + shift``) after a single ``var_mean``
     pass: two full-size elementwise ops instead of six, which is most of Conv4's time under ``vmap``.
     """
     dims = [0, *range(2, x.dim())]
-    var, mean = torch.var_mean(x, dim=dims, correction=0, keepdim=True)
+    var, mean = torch.var_mean(x if ref is None else x[:ref], dim=dims, correction=0, keepdim=True)
     shape = [1, -1] + [1] * (x.dim() - 2)
     scale = torch.rsqrt(var + eps) * weight.view(shape)
     return torch.addcmul(bias.view(shape) - mean * scale, x, scale)
 
 
 def folded_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                 *, stride: int, pool: bool, eps: float = BN_EPS) -> torch.Tensor:
+                 *, stride: int, pool: bool, eps: float = BN_EPS, ref: int | None = None) -> torch.Tensor:
     """``relu(maxpool2x2(batch_norm(conv(x))))`` (or without the pool) computed without a pass over the conv output.
 
     ``x [N, C, H, W]``, ``weight [O, C, k, k]`` (padding ``k // 2``), ``bias, gamma, beta [O]`` -> ``[N, O, H', W']``.
@@ -61,15 +66,17 @@ def folded_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamm
       outputs grouped by 2x2 window offset, so the pool is a max over 4 slabs, ties going to the first
       offset in row-major order as in ``F.max_pool2d``. Positions outside the pooled area (odd sizes)
       count in the statistics, as in the plain form.
+    * ``ref``: the statistics are those of the first ``ref`` images (all when None), as in :func:`batch_norm`.
     """
     n, _, h, w = x.shape
     o, k = weight.shape[0], weight.shape[-1]
     cols = F.unfold(x, k, padding=k // 2, stride=stride)  # [N, K, L]: the input only, never differentiated
     ho, wo = (h + 2 * (k // 2) - k) // stride + 1, (w + 2 * (k // 2) - k) // stride + 1
     with torch.autocast(x.device.type, enabled=False):  # statistics in the input's precision, also under bf16
-        mu = cols.mean(dim=(0, 2))  # [K]
-        centred = cols - mu[:, None]
-        cov = torch.einsum("nkl,njl->kj", centred, centred) / (n * ho * wo)  # [K, K]
+        stats = cols if ref is None else cols[:ref]
+        mu = stats.mean(dim=(0, 2))  # [K]
+        centred = stats - mu[:, None]
+        cov = torch.einsum("nkl,njl->kj", centred, centred) / (stats.shape[0] * ho * wo)  # [K, K]
         wf = weight.reshape(o, -1)  # [O, K]
         var = ((wf @ cov) * wf).sum(1).clamp_min(0.0)  # [O]
         scale = gamma * torch.rsqrt(var + eps)
@@ -115,14 +122,24 @@ class ConvBlock(nn.Module):
         self.impl = impl
         self.folded = impl == "folded" and cin * 3 * 3 <= STEM_MAX_PATCH
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ref: int | None = None) -> torch.Tensor:
+        """``x [N, C, H, W]`` -> ``[N, O, H', W']``, normalised with the statistics of ``x[:ref]`` (None: all)."""
         if self.folded:
             return folded_block(x, self.conv.weight, self.conv.bias, self.norm.weight, self.norm.bias,
-                                stride=self.conv.stride[0], pool=self.pool)
+                                stride=self.conv.stride[0], pool=self.pool, ref=ref)
         x = conv2d(x, self.conv.weight, self.conv.bias, stride=self.conv.stride[0], padding=1, impl=self.impl)
-        x = batch_norm(x, self.norm.weight, self.norm.bias)
+        x = batch_norm(x, self.norm.weight, self.norm.bias, ref=ref)
         # max-pool before ReLU: equal (ReLU is monotone) and the ReLU touches 4x fewer elements.
         return F.relu(F.max_pool2d(x, 2) if self.pool else x)
+
+
+class Blocks(nn.Sequential):
+    """``nn.Sequential`` that hands the normalisation reference count ``ref`` to the blocks that normalise."""
+
+    def forward(self, x: torch.Tensor, ref: int | None = None) -> torch.Tensor:
+        for layer in self:
+            x = layer(x, ref) if isinstance(layer, ConvBlock) else layer(x)
+        return x
 
 
 def block_output_size(size: int, blocks: int, downsample: str, pooled: int | None = None) -> int:

@@ -1,7 +1,9 @@
 """Model skeletons. Parameters live in dicts and are applied with ``torch.func.functional_call``.
 
 Every model has a ``body`` (feature extractor) and, when ``out_features > 0``, a linear ``head``;
-ANIL adapts only ``head.*`` and metric-based learners use the body alone.
+ANIL adapts only ``head.*`` and metric-based learners use the body alone. Forward passes take
+``ref``: normalisation statistics come from the first ``ref`` rows of the input (the support set
+under ``model.norm=support``), or from all rows when None (see :mod:`mtl_ray.models.layers`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtl_ray.models.layers import ConvBlock, block_output_size
+from mtl_ray.models.layers import Blocks, ConvBlock, block_output_size
 
 HEAD_PREFIX = "head."
 
@@ -24,12 +26,12 @@ class MLP(nn.Module):
         for h in hidden_sizes:
             layers += [nn.Linear(prev, h), nn.ReLU()]
             prev = h
-        self.body = nn.Sequential(nn.Flatten(), *layers)
+        self.body = Blocks(nn.Flatten(), *layers)
         self.feature_dim = prev
         self.head = nn.Linear(prev, out_features) if out_features else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.body(x)
+    def forward(self, x: torch.Tensor, ref: int | None = None) -> torch.Tensor:
+        z = self.body(x)  # no normalisation: ``ref`` changes nothing
         return self.head(z) if self.head is not None else z
 
 
@@ -47,7 +49,7 @@ class Conv4(nn.Module):
                  pooled_blocks: int | None = None, flatten: bool = True):
         super().__init__()
         pooled = blocks if pooled_blocks is None else pooled_blocks
-        self.body = nn.Sequential(*[
+        self.body = Blocks(*[
             ConvBlock(in_channels if i == 0 else channels, channels, downsample=downsample,
                       pool=i < pooled, impl=impl)
             for i in range(blocks)
@@ -58,8 +60,8 @@ class Conv4(nn.Module):
         self.feature_dim = channels * side * side
         self.head = nn.Linear(self.feature_dim, out_features) if out_features else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.body(x)
+    def forward(self, x: torch.Tensor, ref: int | None = None) -> torch.Tensor:
+        z = self.body(x, ref)
         if self.flatten:
             z = z.flatten(1)
         return self.head(z) if self.head is not None else z
@@ -76,11 +78,13 @@ class RelationNet(nn.Module):
     def __init__(self, in_channels: int, image_size: int, *, channels: int = 64, downsample: str = "pool",
                  impl: str = "folded", hidden: int = 8):
         super().__init__()
-        self.encoder = Conv4(in_channels, image_size, 0, channels=channels, blocks=4, downsample=downsample,
-                             impl=impl, pooled_blocks=2, flatten=False)
-        self.body = self.encoder.body
-        c, s, _ = self.encoder.out_shape
-        self.relation = nn.Sequential(
+        # Only the encoder's body is registered (as ``body``): registering the encoder too named its weights
+        # ``encoder.body.*``, which the algorithm's ``body.*`` lookup never found, so the embedding stayed at init.
+        encoder = Conv4(in_channels, image_size, 0, channels=channels, blocks=4, downsample=downsample,
+                        impl=impl, pooled_blocks=2, flatten=False)
+        self.body = encoder.body
+        c, s, _ = encoder.out_shape
+        self.relation = Blocks(
             ConvBlock(2 * c, c, downsample=downsample, impl=impl),
             ConvBlock(c, c, downsample=downsample, impl=impl),
         )
@@ -89,5 +93,5 @@ class RelationNet(nn.Module):
         self.fc2 = nn.Linear(hidden, 1)
         self.feature_shape = (c, s, s)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+    def forward(self, x: torch.Tensor, ref: int | None = None) -> torch.Tensor:
+        return self.body(x, ref)

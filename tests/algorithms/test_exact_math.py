@@ -143,18 +143,20 @@ def _rel_err(a: dict, b: dict) -> float:
     return float(num.detach() / sum((b[k] ** 2).sum() for k in b) ** 0.5)
 
 
-@pytest.mark.parametrize("name,impl,first_order", [
-    ("maml", "folded", False), ("maml", "native", False), ("maml", "im2col", False), ("maml", "folded", True),
-    ("metasgd", "folded", False), ("anil", "folded", False), ("protonet", "folded", False),
-    ("relationnet", "folded", False),
+@pytest.mark.parametrize("name,impl,first_order,norm", [
+    ("maml", "folded", False, "support"), ("maml", "native", False, "support"), ("maml", "im2col", False, "support"),
+    ("maml", "folded", True, "support"), ("metasgd", "folded", False, "support"), ("anil", "folded", False, "support"),
+    ("protonet", "folded", False, "support"), ("relationnet", "folded", False, "support"),
+    ("maml", "folded", False, "transductive"), ("maml", "native", False, "transductive"),
+    ("protonet", "folded", False, "transductive"), ("relationnet", "folded", False, "transductive"),
 ])
-def test_vmapped_meta_gradient_equals_per_task_loop_float64_with_batchnorm(name, impl, first_order):
+def test_vmapped_meta_gradient_equals_per_task_loop_float64_with_batchnorm(name, impl, first_order, norm):
     """Conv4 (with batch norm) second order, float64: the vectorised path equals a per-task loop.
 
     torch's built-in batch norm fails this at ~1e-3 relative (see ../shared/notes/torch-func-facts.md).
     """
     cfg = from_dict({"data": {"ways": 3, "shots": 2, "queries": 2, "image_size": 16},
-                     "model": {"channels": 6, "conv_impl": impl},
+                     "model": {"channels": 6, "conv_impl": impl, "norm": norm},
                      "algorithm": {"name": name, "inner_steps": 2, "inner_lr": 0.3, "first_order": first_order}})
 
     learner = build_learner(cfg, shape=TaskShape("classification", (1, 16, 16), 3))
