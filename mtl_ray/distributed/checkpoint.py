@@ -24,7 +24,7 @@ import pyarrow.fs as pafs
 import torch
 
 from mtl_ray.algorithms import Params, TaskShape
-from mtl_ray.config import Config, UserError, from_dict
+from mtl_ray.config import NORM_TRANSDUCTIVE, Config, UserError, from_dict
 
 FORMAT_VERSION = 1
 META_STAGE = "meta"  # Checkpoint.stage: what wrote it
@@ -146,13 +146,22 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         step=int(raw["step"]),
         params=dict(raw["params"]),
         optimizer=raw["optimizer"],
-        config=from_dict(json.loads(raw["config"])),
+        config=embedded_config(raw["config"]),
         shape=_shape(json.loads(raw["shape"])),
         skipped_steps=int(raw["skipped_steps"]),
         tasks_seen=int(raw["tasks_seen"]),
         metrics=json.loads(raw["metrics"]),
         stage=str(raw.get("stage", META_STAGE)),  # checkpoints written before pretraining existed are meta ones
     )
+
+
+def embedded_config(text: str) -> Config:
+    """A checkpoint's config. One written before ``model.norm`` existed was trained with batch statistics, and is
+    scored with them: its missing ``model.norm`` means ``transductive``, not today's default."""
+    raw = json.loads(text)
+    if isinstance(raw, dict) and isinstance(raw.setdefault("model", {}), dict):
+        raw["model"].setdefault("norm", NORM_TRANSDUCTIVE)
+    return from_dict(raw)
 
 
 def _shape(d: dict) -> TaskShape:
