@@ -5,12 +5,23 @@
     labels = adapted.predict(query_x)                       # the support labels, one per query
     adapted = learner.adapt_folder("my_task/support/")      # one sub-folder of images per class
     names = adapted.predict_images(["q1.png", "q2.png"])
+
+A query's answer depends on the support set and that query only: each query is scored in a call of its own
+shape (support set + the query), so it is bit-for-bit the same alone, in any request and in any order. Models
+trained with ``model.norm=transductive`` normalise a batch of queries with its own statistics, so their answer
+for a query depends on the other queries; predicting with them needs ``transductive=True`` in that call.
+
+Classes: head unit / output ``i`` is the ``i``-th distinct label in the order of first appearance in
+``support_y`` (as ``mtl-ray eval`` lays its tasks out: class 0's examples first), whatever the labels are
+called; :meth:`FewShotLearner.adapt_folder` takes class folders in natural order ("2" before "10").
 """
 
 from __future__ import annotations
 
+import math
+import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +30,9 @@ import numpy as np
 import torch
 
 from mtl_ray.algorithms import FunctionalAlgorithm, Learner, Params, TaskShape, build_learner, linear_probe, uses_head
-from mtl_ray.config import Config, UserError
+from mtl_ray.config import NORM_TRANSDUCTIVE, Config, UserError
 from mtl_ray.data.base import to_float_images
+from mtl_ray.data.fetch import DataError
 from mtl_ray.data.imagetable import IMAGE_SUFFIXES, decode_image
 from mtl_ray.distributed.checkpoint import PRETRAIN_STAGE, load_checkpoint
 from mtl_ray.runtime import fp32_precision
@@ -44,23 +56,63 @@ class AdaptedLearner:
     params: Params  # the meta-parameters adapted from (a pretrained body gets a zero head per way count)
     state: dict[str, torch.Tensor]
     classes: tuple[Any, ...]
+    steps: int  # inner steps the adaptation took
+    inner_lr: float  # their step size
 
-    def predict_scores(self, query_x: torch.Tensor) -> torch.Tensor:
-        """``query_x [Q, *x_shape]`` -> scores ``[Q, N]`` (logits, or values ``[Q, 1]`` for regression)."""
+    def __repr__(self) -> str:
+        what = f"{len(self.classes)} classes {list(self.classes)!r}" if self.classes else "regression"
+        return (f"AdaptedLearner({self.algorithm.name}, {what}, steps={self.steps}, inner_lr={self.inner_lr:g}, "
+                f"norm={self.algorithm.norm})")
+
+    def predict_scores(self, query_x: torch.Tensor, *, transductive: bool = False) -> torch.Tensor:
+        """``query_x [Q, *x_shape]`` -> scores ``[Q, N]`` (logits, or values ``[Q, 1]`` for regression).
+
+        Each query is scored alone (with the support set that normalises it), so its scores are the same
+        bits whatever else the call holds. A ``model.norm=transductive`` model scores the queries together,
+        with their own statistics, and only when ``transductive=True`` says that is what the caller wants.
+        """
         lrn = self.learner
         x = lrn._check_x(query_x, "query_x")
+        if self.algorithm.norm == NORM_TRANSDUCTIVE and not transductive:
+            raise UserError(
+                "predict: this model was trained with model.norm=transductive: it normalises the queries of a call "
+                "with their own statistics, so a query's answer depends on the other queries in the call (one query "
+                "per call is far less accurate); expected a model trained with model.norm=support. Pass "
+                "transductive=True to accept batch-dependent answers for this call, or retrain with model.norm=support")
         with _COMPUTE, torch.no_grad(), fp32_precision(lrn.cfg.scaling.precision):
-            return self.algorithm.predict(self.params, self.state, x)
+            if transductive and self.algorithm.norm == NORM_TRANSDUCTIVE:
+                return self.algorithm.predict(self.params, self.state, x)
+            # one call per query, all of one shape: BLAS kernels round differently for different matrix sizes
+            return torch.cat([self.algorithm.predict(self.params, self.state, x[i:i + 1]) for i in range(len(x))])
 
-    def predict(self, query_x: torch.Tensor) -> list[Any] | torch.Tensor:
+    def predict(self, query_x: torch.Tensor, *, transductive: bool = False) -> list[Any] | torch.Tensor:
         """Predicted support labels per query (classification) or predicted values ``[Q, 1]``."""
-        out = self.predict_scores(query_x)
+        out = self.predict_scores(query_x, transductive=transductive)
         if self.learner.shape.kind == "regression":
             return out
         return [self.classes[i] for i in out.argmax(-1).tolist()]
 
-    def predict_images(self, paths: Sequence[str | Path]) -> list[Any]:
-        return self.predict(self.learner.load_images(paths))
+    def predict_images(self, paths: Sequence[str | Path], *, transductive: bool = False) -> list[Any]:
+        return self.predict(self.learner.load_images(paths), transductive=transductive)
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key putting "class2" before "class10": digit runs compare as numbers, the rest case-insensitively."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t.casefold()) for t in re.split(r"(\d+)", name) if t)
+
+
+def _check_steps(steps: Any) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int | float) or steps < 0 or not float(steps).is_integer():
+        raise UserError(f"steps: got {steps!r}, expected a whole number >= 0 of inner steps (or None for the "
+                        "model's eval_inner_steps)")
+    return int(steps)
+
+
+def _check_lr(inner_lr: Any) -> float:
+    if isinstance(inner_lr, bool) or not isinstance(inner_lr, int | float) or not math.isfinite(inner_lr) \
+            or inner_lr < 0:
+        raise UserError(f"inner_lr: got {inner_lr!r}, expected a finite number >= 0 (or None for the model's own)")
+    return float(inner_lr)
 
 
 class FewShotLearner:
@@ -76,7 +128,16 @@ class FewShotLearner:
         self.device = torch.device(device)
         self.params = {k: v.to(self.device) for k, v in params.items()}
         self.invert = invert
-        self._learners: dict[int, tuple[Learner, Params]] = {}
+        self._learners: dict[tuple[int, float], tuple[Learner, Params]] = {}
+
+    @property
+    def default_inner_lr(self) -> float:
+        return self.cfg.pretrain.probe_lr if self.pretrained else self.cfg.algorithm.inner_lr
+
+    def __repr__(self) -> str:
+        what = "pretrained body + linear head" if self.pretrained else self.cfg.algorithm.name
+        return (f"FewShotLearner({what}, x_shape={tuple(self.shape.x_shape)}, ways={self.shape.ways}, "
+                f"adapt: steps={self.default_steps}, inner_lr={self.default_inner_lr:g}, norm={self.cfg.model.norm})")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", invert: bool = False) -> FewShotLearner:
@@ -85,70 +146,138 @@ class FewShotLearner:
         return cls(ck.config, ck.params, ck.shape, device=device, invert=invert,
                    pretrained=ck.stage == PRETRAIN_STAGE)
 
-    def _learner(self, ways: int) -> tuple[Learner, Params]:
-        """The learner for ``ways`` classes and the meta-parameters it adapts from."""
-        if ways not in self._learners:
+    def _learner(self, ways: int, inner_lr: float) -> tuple[Learner, Params]:
+        """The learner for ``ways`` classes adapting at ``inner_lr`` and the meta-parameters it adapts from."""
+        key = (ways, inner_lr)
+        if key not in self._learners:
             shape = TaskShape(self.shape.kind, self.shape.x_shape, ways)
             if self.pretrained:
-                cfg, params = linear_probe(self.cfg, self.params, shape)
-                self._learners[ways] = (build_learner(cfg, shape=shape),
-                                        {k: v.to(self.device) for k, v in params.items()})
+                cfg, params = linear_probe(self.cfg.replace(**{"pretrain.probe_lr": inner_lr}), self.params, shape)
+                self._learners[key] = (build_learner(cfg, shape=shape),
+                                       {k: v.to(self.device) for k, v in params.items()})
             else:
-                self._learners[ways] = (build_learner(self.cfg, shape=shape), self.params)
-        return self._learners[ways]
+                cfg = self.cfg.replace(**{"algorithm.inner_lr": inner_lr})
+                self._learners[key] = (build_learner(cfg, shape=shape), self.params)
+        return self._learners[key]
 
     def _check_x(self, x: torch.Tensor, what: str) -> torch.Tensor:
-        x = torch.as_tensor(x, dtype=torch.float32)
-        if tuple(x.shape[1:]) != tuple(self.shape.x_shape):
-            want = ', '.join(map(str, self.shape.x_shape))
+        want = ', '.join(map(str, self.shape.x_shape))
+        try:
+            x = torch.as_tensor(x, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"{what}: got {type(x).__name__} that is not an array of numbers ({e}), expected a "
+                            f"float tensor [M, {want}]") from None
+        if x.dim() != len(self.shape.x_shape) + 1 or tuple(x.shape[1:]) != tuple(self.shape.x_shape):
             raise UserError(f"{what}: got shape {tuple(x.shape)}, expected [M, {want}]"
-                            f" (the input shape this model was trained on)")
+                            f" (the input shape this model was trained on; one example: x[None])")
+        if x.shape[0] == 0:
+            raise UserError(f"{what}: got 0 examples (shape {tuple(x.shape)}), expected [M, {want}] with M >= 1")
+        if not torch.isfinite(x).all():
+            raise UserError(f"{what}: got non-finite values (NaN or inf), expected finite floats; check the "
+                            "preprocessing")
         return x.to(self.device)
 
     def adapt(self, support_x: torch.Tensor, support_y: Sequence[Any] | torch.Tensor,
-              steps: int | None = None) -> AdaptedLearner:
-        """Adapt to a support set. ``support_y`` may hold any hashable labels (ints, strings)."""
+              steps: int | None = None, *, inner_lr: float | None = None) -> AdaptedLearner:
+        """Adapt to a support set ``support_x [S, *x_shape]``, ``support_y [S]``.
+
+        ``support_y`` may hold any hashable labels (ints, strings); output ``i`` is the ``i``-th distinct label
+        in order of first appearance. ``steps``: inner steps; None takes the model's ``algorithm.eval_inner_steps``
+        (the steps `mtl-ray eval` adapts with, not the training ``inner_steps``; for a pretrained body
+        ``pretrain.probe_steps``). ``inner_lr``: the inner step size; None takes the model's ``algorithm.inner_lr``
+        (pretrained body: ``pretrain.probe_lr``). Metric learners (protonet, relationnet) take no steps.
+        """
         x = self._check_x(support_x, "support_x")
+        steps = self.default_steps if steps is None else _check_steps(steps)
+        lr = self.default_inner_lr if inner_lr is None else _check_lr(inner_lr)
         if self.shape.kind == "regression":
-            y = torch.as_tensor(support_y, dtype=torch.float32).reshape(-1, 1).to(self.device)
+            y = self._regression_targets(support_y, x.shape[0])
             classes: tuple[Any, ...] = ()
             ways = 1
         else:
-            labels = support_y.tolist() if isinstance(support_y, torch.Tensor) else list(support_y)
-            if len(labels) != x.shape[0]:
-                raise UserError(f"support_y: got {len(labels)} labels, expected one per support example ({x.shape[0]})")
-            classes = tuple(sorted(set(labels), key=str))
+            labels = self._labels(support_y, x.shape[0])
+            classes = tuple(dict.fromkeys(labels))  # first appearance: the documented order
             ways = len(classes)
+            if ways < 2:
+                raise UserError(f"support_y: got {ways} distinct label(s) {list(classes)!r}, expected at least 2 "
+                                "classes to tell apart")
             if uses_head(self.cfg.algorithm.name) and ways != self.shape.ways and not self.pretrained:
                 raise UserError(f"support set: got {ways} classes, expected {self.shape.ways} (this "
                                 f"{self.cfg.algorithm.name} model has a {self.shape.ways}-way head)")
             index = {c: i for i, c in enumerate(classes)}
             y = torch.tensor([index[v] for v in labels], dtype=torch.long, device=self.device)
-        steps = self.default_steps if steps is None else steps
         # fp32_precision: the arithmetic `mtl-ray eval` uses
         with _COMPUTE, torch.no_grad(), fp32_precision(self.cfg.scaling.precision):
-            learner, params = self._learner(ways)  # cached per way count, in a dict the threads share
+            learner, params = self._learner(ways, lr)  # cached per (ways, inner_lr), in a dict the threads share
             state = learner.algorithm.adapt(params, x, y, steps)
-        return AdaptedLearner(self, learner.algorithm, params, state, classes)
+        return AdaptedLearner(self, learner.algorithm, params, state, classes, steps, lr)
+
+    @staticmethod
+    def _labels(support_y: Any, count: int) -> list[Any]:
+        """Classification labels as a flat list of hashable values, one per support example."""
+        if isinstance(support_y, torch.Tensor | np.ndarray):
+            if support_y.ndim != 1:
+                raise UserError(f"support_y: got an array of shape {tuple(support_y.shape)}, expected [S] (one label "
+                                "per support example); flatten it or pass a list")
+            labels = support_y.tolist()
+        elif isinstance(support_y, str | bytes) or not isinstance(support_y, Sequence):
+            raise UserError(f"support_y: got {type(support_y).__name__} {support_y!r:.60}, expected a list of "
+                            f"{count} labels (one per support example)")
+        else:
+            labels = list(support_y)
+        bad = [v for v in labels if not isinstance(v, Hashable) or (isinstance(v, float) and math.isnan(v))]
+        if bad:
+            raise UserError(f"support_y: got the label {bad[0]!r} ({type(bad[0]).__name__}), expected hashable labels "
+                            "such as ints or strings (one per support example, not lists or NaN)")
+        if len(labels) != count:
+            raise UserError(f"support_y: got {len(labels)} labels, expected one per support example ({count})")
+        return labels
+
+    def _regression_targets(self, support_y: Any, count: int) -> torch.Tensor:
+        try:
+            y = torch.as_tensor(support_y, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise UserError(f"support_y: got {type(support_y).__name__} that is not numbers ({e}), expected "
+                            f"{count} float targets") from None
+        if y.numel() != count or y.dim() > 2 or (y.dim() == 2 and y.shape[1] != 1):
+            raise UserError(f"support_y: got shape {tuple(y.shape)}, expected [{count}] or [{count}, 1] (one target "
+                            "per support example)")
+        if not torch.isfinite(y).all():
+            raise UserError("support_y: got non-finite targets (NaN or inf), expected finite floats")
+        return y.reshape(-1, 1).to(self.device)
 
     def load_images(self, paths: Sequence[str | Path]) -> torch.Tensor:
         """Image files -> ``[M, C, S, S]`` floats, preprocessed as in training."""
+        if isinstance(paths, str | Path) or not paths:
+            raise UserError(f"paths: got {paths!r}, expected a non-empty list of image files")
         c, s = self.shape.x_shape[0], self.shape.x_shape[-1]
-        arrays = [decode_image(Path(p).read_bytes(), image_size=s, channels=c, invert=self.invert, name=str(p))
-                  for p in paths]
+        arrays = []
+        for p in paths:
+            try:
+                data = Path(p).read_bytes()
+            except OSError as e:
+                raise DataError(f"{p}: cannot read the image ({e.strerror or e}); expected an existing PNG or JPEG "
+                                "file; check the path") from None
+            arrays.append(decode_image(data, image_size=s, channels=c, invert=self.invert, name=str(p)))
         return to_float_images(np.stack(arrays))
 
-    def adapt_folder(self, folder: str | Path, steps: int | None = None) -> AdaptedLearner:
-        """Adapt to ``folder/<class name>/*.png|jpg``; predictions are the class names."""
+    def adapt_folder(self, folder: str | Path, steps: int | None = None, *,
+                     inner_lr: float | None = None) -> AdaptedLearner:
+        """Adapt to ``folder/<class name>/*.png|jpg``; predictions are the class names.
+
+        Classes are taken in natural order of their folder names ("2" before "10"), images in each likewise.
+        """
         root = Path(folder)
-        classes = sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else []
+        classes = sorted((d for d in root.iterdir() if d.is_dir()), key=lambda d: natural_key(d.name)) \
+            if root.is_dir() else []
         if not classes:
             raise UserError(f"{root}: got no class folders, expected {root}/<class>/<image>.png")
         paths, labels = [], []
         for d in classes:
-            files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted((f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES),
+                           key=lambda f: natural_key(f.name))
             if not files:
                 raise UserError(f"{d}: no images (expected {', '.join(IMAGE_SUFFIXES)} files)")
             paths += files
             labels += [d.name] * len(files)
-        return self.adapt(self.load_images(paths), labels, steps)
+        return self.adapt(self.load_images(paths), labels, steps, inner_lr=inner_lr)

@@ -18,7 +18,10 @@ Omniglot; ``(D,)`` for regression, ``(1,)`` for sinusoid):
   ``query_x``    float32 array ``[Q, *x_shape]``: the examples to label.
 
 Output: an array ``[Q]``, the predicted support label of each query (classification) or the predicted value
-(regression).
+(regression). A query's answer depends on the support set and that query only, never on the other queries of
+the request. A model trained with ``model.norm=transductive`` (whose answers do depend on them) answers only a
+request that says so: ``params={"transductive": True}`` (JSON: ``"params": {"transductive": true}``); without
+it the request fails with HTTP 400 and says why.
 
 Through ``mlflow.pyfunc`` the input is a dict of numpy arrays; the signature is tensor-based, so MLflow checks the
 names, shapes and float32 dtype before the model runs. ``mlflow models serve`` takes the same dict as JSON in the
@@ -45,7 +48,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types import Schema, TensorSpec
+from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 import mtl_ray
 from mtl_ray.algorithms import TaskShape
@@ -57,6 +60,8 @@ __all__ = ["INPUT_KEYS", "FewShotModel", "ServingInputError", "default_pip_requi
            "log_fewshot_model"]
 
 INPUT_KEYS = ("support_x", "support_y", "query_x")
+# Request parameter: accept a model.norm=transductive model's batch-dependent answers for this request (mtl_ray.api).
+TRANSDUCTIVE = "transductive"
 CHECKPOINT_ARTIFACT = "checkpoint"
 # What loading and predicting imports (mtl_ray.api needs no Ray, no scikit-learn); mlflow is added by MLflow.
 _RUNTIME_PACKAGES = ("torch", "numpy", "pandas", "pyarrow", "pyyaml", "pillow", "tqdm")
@@ -101,9 +106,12 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         shape = self.learner.shape
         support_x, support_y, query_x = self._unpack(model_input)
+        transductive = (params or {}).get(TRANSDUCTIVE, False)
+        if not isinstance(transductive, bool | np.bool_):
+            raise ServingInputError(f"params.{TRANSDUCTIVE}: got {transductive!r}, expected true or false")
         try:
             adapted = self.learner.adapt(support_x, support_y)
-            out = adapted.predict(query_x)
+            out = adapted.predict(query_x, transductive=bool(transductive))
         except ServingInputError:
             raise
         except UserError as e:  # e.g. a 3-class support set for a model with a 5-way head
@@ -193,12 +201,14 @@ def _as_array(value: Any, dtype: type | None) -> np.ndarray:
 
 def fewshot_signature(shape: TaskShape) -> ModelSignature:
     """Tensor signature for a model trained on ``shape``: named inputs ``support_x``/``query_x`` float32
-    ``[-1, *x_shape]``, ``support_y`` ``[-1]`` (object: any labels; float32 for regression); output ``[-1]``."""
+    ``[-1, *x_shape]``, ``support_y`` ``[-1]`` (object: any labels; float32 for regression); output ``[-1]``;
+    parameter ``transductive`` (boolean, default false)."""
     x = (-1, *(int(d) for d in shape.x_shape))
     y = np.dtype(np.float32) if shape.kind == "regression" else np.dtype(object)
     inputs = Schema([TensorSpec(np.dtype(np.float32), x, "support_x"), TensorSpec(y, (-1,), "support_y"),
                      TensorSpec(np.dtype(np.float32), x, "query_x")])
-    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(y, (-1,))]))
+    params = ParamSchema([ParamSpec(TRANSDUCTIVE, "boolean", False)])
+    return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(y, (-1,))]), params=params)
 
 
 def example_input(shape: TaskShape) -> dict[str, np.ndarray]:
