@@ -61,6 +61,18 @@ def test_a_query_gets_the_same_bits_alone_in_any_subset_and_order_api_and_pyfunc
     assert list(model.predict(None, {**request, "query_x": qx[perm].numpy()})) == list(batched[perm.numpy()])
 
 
+def test_a_regression_query_gets_the_same_bits_alone_and_in_any_order():
+    cfg = from_dict({"data": {"source": "sinusoid"}, "model": {"name": "mlp"}, "algorithm": {"name": "maml"}})
+    shape = TaskShape("regression", (1,), 1)
+    learner = FewShotLearner(cfg, initial_meta_params(cfg, build_learner(cfg, shape=shape)), shape)
+    g = torch.Generator().manual_seed(0)
+    x, qx = torch.rand(5, 1, generator=g), torch.rand(37, 1, generator=g) * 10 - 5
+    adapted = learner.adapt(x, torch.sin(x))
+    whole = adapted.predict(qx)
+    assert torch.equal(torch.cat([adapted.predict(qx[i:i + 1]) for i in range(len(qx))]), whole)
+    assert torch.equal(adapted.predict(qx.flip(0)).flip(0), whole)
+
+
 def test_a_transductive_model_is_refused_unless_the_call_opts_in():
     learner = _learner("protonet", norm="transductive")
     sx, sy, qx = _task()
