@@ -108,10 +108,13 @@ def sinusoid_config(*, inner_steps: int = 1, first_order: bool = False, compile:
     })
 
 
-def conv_config(*, inner_steps: int, first_order: bool, queries: int, impl: str = "folded") -> Config:
+def conv_config(*, inner_steps: int, first_order: bool, queries: int, impl: str = "folded",
+                norm: str = "transductive") -> Config:
+    # transductive: the per-task loops, learn2learn and higher normalise with batch statistics, so the kernels
+    # compare like with like; model.norm=support also runs the support set in each query pass (docs/architecture.md)
     return from_dict({
         "data": {"source": "omniglot", "ways": WAYS, "shots": SHOTS, "queries": queries, "image_size": IMAGE},
-        "model": {"name": "conv4", "channels": 64, "downsample": "pool", "conv_impl": impl},
+        "model": {"name": "conv4", "channels": 64, "downsample": "pool", "conv_impl": impl, "norm": norm},
         "algorithm": {"name": "maml", "inner_lr": 0.4, "inner_steps": inner_steps, "first_order": first_order},
         "optim": {"meta_batch_size": CONV_TASKS},
     })
@@ -389,6 +392,31 @@ def bench_accuracy(args: argparse.Namespace) -> dict[str, Any]:
     return {"rows": rows}
 
 
+def bench_norm(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``model.norm=support`` costs per meta-gradient against ``transductive`` (second order, folded).
+
+    Both in this process, alternating per repeat so drift in the machine's speed hits both alike; the query
+    pass of ``support`` also runs the task's 5 support images (docs/architecture.md, "Normalisation").
+    """
+    rows = []
+    for queries, steps in ((15, 1), (1, 1), (1, 5)):
+        setups = {norm: conv_setup(tasks=args.meta_batch, inner_steps=steps, first_order=False, queries=queries,
+                                   norm=norm) for norm in ("support", "transductive")}
+        fns = {norm: (lambda st=st: vectorised_for(st)(st.params, st.batch)) for norm, st in setups.items()}
+        times: dict[str, list[float]] = {norm: [] for norm in fns}
+        for fn in fns.values():
+            measure(fn, 0, warmup=1)
+        for _ in range(args.repeats):
+            for norm, fn in fns.items():
+                times[norm] += measure(fn, 1, warmup=0)
+        per = {norm: summary(t, args.meta_batch) for norm, t in times.items()}
+        ratio = per["support"]["tasks_per_s"] / per["transductive"]["tasks_per_s"]
+        rows.append({"queries": queries, "inner_steps": steps, **per, "support_over_transductive": ratio})
+        print(f"  {queries:2d} queries/class, {steps} step(s): support {per['support']['tasks_per_s']:6.1f} tasks/s, "
+              f"transductive {per['transductive']['tasks_per_s']:6.1f}: ratio {ratio:.2f}", flush=True)
+    return {"rows": rows}
+
+
 # --------------------------------------------------------------------------- layer 1 microbenchmark
 #
 # Each formulation maps one task's ``x [n, 1, 28, 28]``, ``w [64, 1, 3, 3]``, ``b [64]`` to
@@ -582,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--all-cases", action="store_true",
                    help="also the 15-query grid (1/5 steps, 1st order): several more minutes")
     p.add_argument("--sections", default="sinusoid,conv4,layer1,accuracy",
-                   help="comma-separated subset of sinusoid,conv4,layer1,accuracy")
+                   help="comma-separated subset of sinusoid,conv4,layer1,accuracy,norm")
     p.add_argument("--rounds", type=int, default=2,
                    help="Conv4: processes per implementation, alternating (default 2; quick 1)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -620,6 +648,9 @@ def main(argv: list[str] | None = None) -> int:
     if "accuracy" in sections:
         print("[accuracy] second-order Conv4 meta-gradient, float32 vs float64", flush=True)
         res["accuracy"] = bench_accuracy(args)
+    if "norm" in sections:
+        print("[norm] model.norm=support vs transductive, second-order Conv4 meta-gradient", flush=True)
+        res["norm"] = bench_norm(args)
     if "layer1" in sections:
         print("[layer1]", flush=True)
         res["layer1"] = bench_layer1(args)
