@@ -18,7 +18,7 @@ from pathlib import Path
 # Run the package submitted with --working-dir (this file's repository), not whatever else is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtl_ray.cli import EXIT_CONFIG, pretrain, run_dir_for, validate_pretrain
+from mtl_ray.cli import EXIT_CONFIG, OVERWRITE_HELP, pretrain, run_dir_for, validate_pretrain
 from mtl_ray.config import UserError
 
 
@@ -28,10 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.num_workers=4")
     p.add_argument("--run-dir", help="run directory (default: tracking.run_dir/<name or run_name>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = p.parse_args(argv)
     try:
         cfg = validate_pretrain(args.config, args.overrides)  # every config/data problem, before Ray starts
-        pretrain(cfg, run_dir_for(cfg, args.run_dir), resume=args.resume)
+        pretrain(cfg, run_dir_for(cfg, args.run_dir), resume=args.resume, overwrite=args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG

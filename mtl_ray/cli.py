@@ -19,6 +19,8 @@ import yaml
 from mtl_ray.config import Config, ConfigError, UserError, from_dict, load_config
 
 EXIT_CONFIG = 2
+OVERWRITE_HELP = ("a --run-dir holding an earlier run is refused; this deletes that run's checkpoints, metrics.jsonl, "
+                  "config.yaml and MLflow run id first (docs/runs.md)")
 
 
 def check_config(cfg: Config) -> Config:
@@ -55,21 +57,22 @@ def run_dir_for(cfg: Config, explicit: str | None) -> Path:
     return (Path(cfg.tracking.run_dir) / name).absolute()
 
 
-def train(cfg: Config, run_dir: Path, *, resume: bool = False, out=sys.stdout):
+def train(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: bool = False, out=None):
     """Meta-train ``cfg`` into ``run_dir``; the shared body of ``mtl-ray train`` and jobs/meta_train.py.
 
+    A ``run_dir`` holding an earlier run needs ``resume`` (continue it) or ``overwrite`` (replace it).
     The MLflow run also gets the trained meta-learner as a pyfunc model (``mtl_ray.serving``).
     """
     from mtl_ray.tracking.run import run_training
 
-    return run_training(cfg, run_dir, resume=resume, on_finish=log_model, out=out)
+    return run_training(cfg, run_dir, resume=resume, overwrite=overwrite, on_finish=log_model, out=out)
 
 
-def pretrain(cfg: Config, run_dir: Path, *, resume: bool = False, out=sys.stdout):
+def pretrain(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: bool = False, out=None):
     """Pretrain ``cfg`` on Ray Train into ``run_dir``; the shared body of ``mtl-ray pretrain`` and jobs/pretrain.py."""
     from mtl_ray.tracking.run import run_pretraining
 
-    return run_pretraining(cfg, run_dir, resume=resume, out=out)
+    return run_pretraining(cfg, run_dir, resume=resume, overwrite=overwrite, out=out)
 
 
 def tune_command(sweep_path: str, overrides: Sequence[str], sweep_dir: str | None, *, resume: bool = False,
@@ -164,12 +167,14 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. optim.steps=100")
     t.add_argument("--run-dir", help="run directory (default: tracking.run_dir/<name>-<time>)")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+    t.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     pt = sub.add_parser("pretrain", help="supervised pretraining on Ray Train (for model.init / algorithm mtl)")
     pt.add_argument("config", nargs="?", help="YAML config (its data, model and pretrain sections)")
     pt.add_argument("overrides", nargs="*", help="key=value overrides, e.g. pretrain.steps=500")
     pt.add_argument("--run-dir", help="run directory (default: tracking.run_dir/<name>-<time>)")
     pt.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
+    pt.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
     s = sub.add_parser("tune", help="sweep hyperparameters with Ray Tune (each trial: its own worker actors)")
     s.add_argument("sweep", help="sweep YAML, e.g. jobs/configs/sweep_omniglot_maml.yaml")
@@ -238,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.resume and not args.run_dir and not cfg.tracking.run_name:
                 raise ConfigError(["--resume: got no run to resume; "
                                    "expected --run-dir DIR (or tracking.run_name=NAME)"])
-            run(cfg, run_dir_for(cfg, args.run_dir), resume=args.resume)
+            run(cfg, run_dir_for(cfg, args.run_dir), resume=args.resume, overwrite=args.overwrite)
         elif args.command == "tune":
             tune_command(args.sweep, args.overrides, args.sweep_dir, resume=args.resume)
         elif args.command == "eval":

@@ -7,8 +7,9 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "mtl_ray"
 ORDER = ["config", "data", "models", "algorithms", "distributed", "tracking", "tune", "top"]
-LAYER = {"config": 0, "metrics": 0, "runtime": 0, "data": 1, "models": 2, "algorithms": 3, "distributed": 4,
-         "tracking": 5, "tune": 5, "cli": 6, "api": 6, "serving": 6}
+LAYER = {"config": 0, "metrics": 0, "runtime": 0, "atomic": 0, "data": 1, "models": 2, "algorithms": 3,
+         "distributed": 4, "tracking": 5, "tune": 5, "cli": 6, "api": 6, "serving": 6}
+LAYER["memory"] = 4  # mtl_ray.memory: the memory estimate, from the config, the data sizes and the chunking
 ALGORITHM_NAMES = ("maml", "metasgd", "reptile", "anil", "protonet", "relationnet", "mtl")
 
 

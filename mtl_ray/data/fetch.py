@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from mtl_ray.atomic import atomic_write
 from mtl_ray.config import DATA_DIR_ENV, UserError
 
 _CHUNK = 1 << 20
@@ -89,12 +89,10 @@ def ensure_file(path: Path, md5: str | None, url: str | None, download: bool) ->
 
 def _download(url: str, path: Path, md5: str | None) -> Path:
     """Stream ``url`` to a temp file next to ``path``, check the md5, then rename into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
+
+    def fetch(tmp: str) -> None:
         h = hashlib.md5()
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             try:
                 with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as resp:
                     while chunk := resp.read(_CHUNK):
@@ -108,9 +106,6 @@ def _download(url: str, path: Path, md5: str | None) -> Path:
             raise DataError(f"{path.name}: downloaded from {url} but md5 got {got}, expected {md5}; the "
                             "download was corrupt or the upstream file changed; nothing was kept. Retry, "
                             f"or download it by hand and {_where_hint(path)}")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+
+    return atomic_write(path, fetch)
 

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -36,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, UnidentifiedImageError
 
+from mtl_ray.atomic import atomic_write
 from mtl_ray.data.base import stable_fraction
 from mtl_ray.data.fetch import DataError
 
@@ -164,16 +163,7 @@ def write_table(path: str | Path, labels: Sequence[str], images_uint8: np.ndarra
     if source_md5:
         meta[META_MD5] = json.dumps(dict(source_md5), sort_keys=True).encode()
     table = pa.table(cols).replace_schema_metadata(meta)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp_name, compression="zstd")
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
 # --------------------------------------------------------------------------- reading

@@ -22,11 +22,12 @@ from mtl_ray.config import Config
 from mtl_ray.distributed.checkpoint import (
     META_STAGE,
     Checkpoint,
-    CheckpointError,
+    check_fits,
+    check_resume,
     checkpoint_location,
-    latest_checkpoint,
-    load_checkpoint,
+    resume_point,
     save_checkpoint,
+    set_aside,
 )
 from mtl_ray.distributed.evaluate import evaluate_tasks
 from mtl_ray.distributed.executor import Executor, build_executor, shard
@@ -97,14 +98,19 @@ class MetaTrainer:
     @classmethod
     def create(cls, cfg: Config, run_dir: str | Path, *, resume: bool = False,
                callbacks: Sequence[Callback] = (), executor: Executor | None = None) -> MetaTrainer:
-        """A trainer at step 0, or at the latest checkpoint in ``run_dir`` when ``resume``."""
+        """A trainer at step 0, or at the latest intact checkpoint in ``run_dir`` when ``resume``.
+
+        Resuming checks first that ``cfg`` may continue that checkpoint (``checkpoint.check_resume``:
+        only ``RESUME_MAY_CHANGE`` keys may differ) and that its weights fit the model ``cfg`` builds.
+        """
+        point = resume_point(checkpoint_location(run_dir, cfg.tracking.checkpoint_uri)) if resume else None
+        if point is not None:  # the newest intact checkpoint, written with a config this one may continue
+            check_resume(point, cfg, META_STAGE)
+            check_fits(point, cfg)
+            set_aside(point)
         executor = executor or build_executor(cfg)
-        found = latest_checkpoint(checkpoint_location(run_dir, cfg.tracking.checkpoint_uri)) if resume else None
-        if found is not None:
-            ck = load_checkpoint(found)
-            if ck.stage != META_STAGE:
-                raise CheckpointError(f"--resume: {found} is a {ck.stage} checkpoint, expected a meta-training one; "
-                                      f"to meta-train from it, start a new run with model.init={found}")
+        if point is not None:
+            ck = point.checkpoint
             return cls(cfg, executor, params=ck.params, shape=ck.shape, run_dir=run_dir, optimizer_state=ck.optimizer,
                        step=ck.step, skipped_steps=ck.skipped_steps, tasks_seen=ck.tasks_seen, callbacks=callbacks)
         learner = build_learner(cfg)

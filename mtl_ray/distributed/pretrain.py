@@ -37,7 +37,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 
 from mtl_ray import metrics as M
 from mtl_ray.algorithms import TaskShape
-from mtl_ray.config import Config, from_dict
+from mtl_ray.config import Config, UserError, from_dict
 from mtl_ray.data import load_pools
 from mtl_ray.data.supervised import LabelledImages, batch_indices, supervised_split
 from mtl_ray.distributed.checkpoint import (
@@ -208,6 +208,13 @@ class ReportSink(UserCallback):
         return self._callbacks
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        try:
+            self._record(metrics, checkpoint)
+        except UserError:  # e.g. a full disk: run_pretrain reports it as one line; Ray need not log its traceback
+            logging.getLogger("ray.train.v2._internal.execution.controller.controller").setLevel(logging.CRITICAL)
+            raise
+
+    def _record(self, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         first = dict(metrics[0])  # rank 0's; the values are already averaged across workers
         step = int(first.pop("step"))
         if self._callbacks is None:
@@ -253,7 +260,12 @@ def run_pretrain(cfg: Config, run_dir: Path, *, resume: bool = False,
                                  callbacks=[ReportSink(location, make_callbacks, start_step)],
                                  logging_config=LoggingConfig(log_level="WARNING")),  # no line per report
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except ray.train.ControllerError as e:  # a failed write of the records on the controller (ReportSink)
+            if isinstance(e.controller_failure, UserError):
+                raise e.controller_failure from None
+            raise
     finally:
         if owns:
             ray.shutdown()

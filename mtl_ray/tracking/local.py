@@ -3,31 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from mtl_ray import metrics as M
+from mtl_ray.atomic import WriteError, atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to a temp file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -51,8 +35,12 @@ class JsonlMetrics:
         self._f: TextIO = self.path.open("a")
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        self._f.write(json.dumps({"step": step, **metrics}) + "\n")
-        self._f.flush()
+        try:
+            self._f.write(json.dumps({"step": step, **metrics}) + "\n")
+            self._f.flush()
+        except OSError as e:
+            raise WriteError(self.path, e, f"the records up to step {step - 1} are kept: free some space or make "
+                                           "it writable, then continue with --resume") from e
 
     def close(self) -> None:
         self._f.close()

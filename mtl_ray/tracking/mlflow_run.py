@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from mtl_ray.atomic import atomic_write
 from mtl_ray.config import Config
 from mtl_ray.tracking.local import METRICS_FILE, atomic_write_text, read_metrics
 
@@ -252,9 +253,7 @@ def learning_curve(run_dir: Path) -> Path | None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = run_dir / "learning_curve.png"
-    tmp = run_dir / ".learning_curve.tmp.png"
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(run_dir / "learning_curve.png", lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)

@@ -13,39 +13,33 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
 
-import yaml
-
-from mtl_ray.config import Config, ConfigError
-from mtl_ray.distributed.checkpoint import PRETRAIN_STAGE, checkpoint_location, latest_checkpoint, load_checkpoint
+from mtl_ray.config import Config
+from mtl_ray.distributed.checkpoint import META_STAGE, PRETRAIN_STAGE
 from mtl_ray.distributed.driver import Callback, MetaTrainer, Summary
 from mtl_ray.distributed.pretrain import PretrainSummary, run_pretrain
-from mtl_ray.tracking.local import JsonlMetrics, Progress, atomic_write_text
+from mtl_ray.tracking.local import JsonlMetrics, Progress
 from mtl_ray.tracking.mlflow_run import MlflowRun
+from mtl_ray.tracking.rundir import begin_run, prepare_run
 
 OnFinish = Callable[[MlflowRun, Summary], None]
 
 
-def _start_run_dir(cfg: Config, run_dir: Path, resume: bool) -> int:
-    """Check a resume has something to resume, write config.yaml; the step the run starts at."""
-    location = checkpoint_location(run_dir, cfg.tracking.checkpoint_uri)
-    found = latest_checkpoint(location) if resume else None
-    if resume and found is None:
-        raise ConfigError([f"--resume: no checkpoint in {location}; expected the run directory (or "
-                           "tracking.checkpoint_uri) of an earlier run (pass it with --run-dir, or drop --resume "
-                           "to start fresh)"])
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return load_checkpoint(found).step if found else 0
+def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
+                 callbacks: Sequence[Callback] = (), parent_run_id: str | None = None,
+                 on_finish: OnFinish | None = None,
+                 trainer_hook: Callable[[MetaTrainer], Sequence[Callback]] | None = None, out=None) -> Summary:
+    """Meta-train ``cfg`` into ``run_dir`` (resuming from its latest checkpoint when ``resume``).
 
-
-def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, callbacks: Sequence[Callback] = (),
-                 parent_run_id: str | None = None, on_finish: OnFinish | None = None,
-                 trainer_hook: Callable[[MetaTrainer], Sequence[Callback]] | None = None, out=sys.stdout) -> Summary:
-    """Meta-train ``cfg`` into ``run_dir`` (resuming from its latest checkpoint when ``resume``)."""
+    A ``run_dir`` that holds an earlier run is refused unless ``resume`` continues it or ``overwrite``
+    replaces it (:mod:`mtl_ray.tracking.rundir`); every check runs before anything is written.
+    """
     import torch
 
+    out = sys.stdout if out is None else out  # looked up per call: the stdout of the moment (captured, redirected)
+    plan = prepare_run(cfg, run_dir, resume=resume, overwrite=overwrite, stage=META_STAGE)
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
-    _start_run_dir(cfg, run_dir, resume)
+    begin_run(cfg, plan, out)
     trainer = MetaTrainer.create(cfg, run_dir, resume=resume)
     log = JsonlMetrics(run_dir, resume_step=trainer.step)
     progress = Progress(cfg.optim.steps, trainer.step, every=cfg.tracking.log_every, enabled=cfg.tracking.progress)
@@ -86,9 +80,14 @@ def _pretrain_records(cfg: Config, run_dir: str, mlflow: bool, start_step: int) 
     return records
 
 
-def run_pretraining(cfg: Config, run_dir: Path, *, resume: bool = False, out=sys.stdout) -> PretrainSummary:
-    """Pretrain ``cfg`` on Ray Train into ``run_dir`` (from its latest checkpoint when ``resume``)."""
-    start = _start_run_dir(cfg, run_dir, resume)
+def run_pretraining(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
+                    out=None) -> PretrainSummary:
+    """Pretrain ``cfg`` on Ray Train into ``run_dir`` (from its latest checkpoint when ``resume``; a used
+    ``run_dir`` only with ``resume`` or ``overwrite``, as for :func:`run_training`)."""
+    out = sys.stdout if out is None else out
+    plan = prepare_run(cfg, run_dir, resume=resume, overwrite=overwrite, stage=PRETRAIN_STAGE)
+    begin_run(cfg, plan, out)
+    start = plan.step
     tracker = (MlflowRun(cfg, run_dir, resume=resume, tags={"stage": PRETRAIN_STAGE, "algorithm": PRETRAIN_STAGE})
                if cfg.tracking.mlflow else None)
     p = cfg.pretrain

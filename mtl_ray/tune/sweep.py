@@ -113,7 +113,8 @@ def train_trial(params: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, pare
             if not (ckdir / src.name).exists():
                 shutil.copy2(src, ckdir / src.name)
         resume = True
-    run_training(cfg, run_dir, resume=resume, parent_run_id=parent_run_id,
+    # The trial directory is Tune's: a retry without a checkpoint replaces what the failed attempt wrote.
+    run_training(cfg, run_dir, resume=resume, overwrite=not resume, parent_run_id=parent_run_id,
                  trainer_hook=lambda trainer: [_Reporter(trainer)], out=sys.stdout)
 
 
