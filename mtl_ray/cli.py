@@ -27,8 +27,10 @@ def check_config(cfg: Config) -> Config:
     """Run the checks that need the data and ``model.init``; raise one ConfigError with every problem."""
     from mtl_ray.data import check_data
     from mtl_ray.distributed.transfer import check_init
+    from mtl_ray.memory import memory_problems
 
-    problems = check_data(cfg) + check_init(cfg)
+    memory = memory_problems(cfg)  # first: the data checks load the data at these sizes, which may not fit either
+    problems = (memory or check_data(cfg)) + check_init(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -42,9 +44,10 @@ def validate(cfg_path: str | None, overrides: Sequence[str]) -> Config:
 def validate_pretrain(cfg_path: str | None, overrides: Sequence[str]) -> Config:
     """Load a config for ``mtl-ray pretrain`` and check its data; raise one ConfigError with every problem."""
     from mtl_ray.data import check_pretrain_data
+    from mtl_ray.memory import memory_problems
 
     cfg = load_config(cfg_path, overrides)
-    problems = check_pretrain_data(cfg)
+    problems = memory_problems(cfg, pretrain=True) or check_pretrain_data(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -78,13 +81,17 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: boo
 def tune_command(sweep_path: str, overrides: Sequence[str], sweep_dir: str | None, *, resume: bool = False,
                  out=sys.stdout):
     """Validate the sweep (base config, every value of its space, the data) before Ray starts; run it."""
-    from mtl_ray.tune.spec import load_sweep
-    from mtl_ray.tune.sweep import run_sweep
+    from mtl_ray.tune.spec import check_sweep, load_sweep
+    from mtl_ray.tune.sweep import resume_problem, run_sweep
 
     spec = load_sweep(sweep_path, list(overrides))
-    check_config(spec.base)
+    problems = check_sweep(spec)
+    if problems:
+        raise ConfigError(problems)
     if resume and not sweep_dir:
         raise ConfigError(["--resume: got no sweep to resume; expected --sweep-dir DIR of an earlier sweep"])
+    if resume and (problem := resume_problem(Path(sweep_dir))):
+        raise ConfigError([problem])
     path = (Path(sweep_dir) if sweep_dir else
             Path(spec.base.tracking.run_dir) / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
     return run_sweep(spec, path, resume=resume, out=out)
@@ -139,7 +146,9 @@ def evaluate(ckpt_path: str, *, overrides: Sequence[str], split: str, episodes: 
               f"(accuracy {100 - err:.2f}%)  [{method}, step {ck.step}, {steps} inner steps]", file=out)
         result["lake/error_pct"] = err
         return result
-    problems = check_data(cfg, [split])
+    from mtl_ray.memory import memory_problems
+
+    problems = memory_problems(cfg, episodes=episodes) or check_data(cfg, [split])
     if problems:
         raise ConfigError(problems)
     executor = LocalExecutor(cfg)
@@ -211,8 +220,8 @@ RUNS = {"train": (validate, train), "pretrain": (validate_pretrain, pretrain)}  
 def _is_sweep(path: str) -> bool:
     """A sweep file has a top-level ``space`` (training configs never do)."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # not readable as YAML: validate() says why
         return False
     return isinstance(raw, dict) and "space" in raw
 
@@ -262,9 +271,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for path in args.configs:
                 try:
                     if _is_sweep(path):
-                        from mtl_ray.tune.spec import load_sweep
+                        from mtl_ray.tune.spec import check_sweep, load_sweep
 
-                        check_config(load_sweep(path).base)
+                        if problems := check_sweep(load_sweep(path)):
+                            raise ConfigError(problems)
                     else:
                         validate(path, [])
                     print(f"ok: {path}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import types
 import typing
@@ -216,6 +217,7 @@ def _sections() -> dict[str, type]:
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_NONFINITE = ("nan", "inf", "infinity")
 
 
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
@@ -250,6 +252,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
             return float(value)
         if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
             return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string; people write it anyway
+        if isinstance(value, str) and value.strip().lower().lstrip("+-") in _NONFINITE:
+            return float(value)  # "nan", "inf", "Infinity" (json.dumps of inf): refused with a clear message below
         problems.append(f"{where}: got {value!r} ({type(value).__name__}), expected a number")
         return None
     if tp is str:
@@ -327,7 +331,10 @@ def from_dict(raw: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> C
             kwargs[key] = _coerce(value, top_hints[key], key, problems)
         else:
             problems.append(_unknown(key, top_hints, ""))
-    if problems:
+    if problems:  # with the NaN/infinite floats among the values read, which check_static would report
+        for section, name in float_fields():
+            value = (kwargs.get(section) or {}).get(name) if section else kwargs.get(name)
+            problems += [q for q in [_nonfinite_problem(section, name, value)] if q]
         raise ConfigError(problems)
     built = {k: sections[k](**v) if k in sections else v for k, v in kwargs.items()}
     cfg = Config(**built)
@@ -340,10 +347,21 @@ def from_dict(raw: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> C
 def read_yaml(path: str | Path, what: str, example: str) -> Any:
     """A YAML file's content ({} when empty); a missing or unparsable file is a :class:`ConfigError`."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError([f"{what} {str(p)!r} is a directory, expected a YAML file such as {example}; pass the file"])
     if not p.is_file():
         raise ConfigError([f"{what} {str(p)!r} does not exist; pass a YAML file such as {example}"])
     try:
-        return yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{what} {str(p)!r} is not UTF-8 text (byte {e.object[e.start:e.start + 1]!r} at offset "
+                           f"{e.start}), expected a YAML file in UTF-8; save it as UTF-8 (or pass the right file)"]
+                          ) from None
+    except OSError as e:
+        raise ConfigError([f"{what} {str(p)!r} cannot be read ({e.strerror or e}), expected a readable YAML file; "
+                           "check its permissions"]) from None
+    try:
+        return yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         raise ConfigError([f"{what} {str(p)!r} is not valid YAML: {e}"]) from None
 
@@ -391,9 +409,62 @@ def is_regression(cfg: Config) -> bool:
     return cfg.data.source == "sinusoid"
 
 
+def _is_float_type(tp: Any) -> bool:
+    """``float``, ``float | None`` or ``tuple[float, ...]``."""
+    if tp is float:
+        return True
+    if typing.get_origin(tp) in (typing.Union, types.UnionType, tuple):
+        return any(_is_float_type(a) for a in typing.get_args(tp) if a is not Ellipsis)
+    return False
+
+
+def float_fields() -> list[tuple[str | None, str]]:
+    """``(section or None, field)`` of every float field of :class:`Config`, from the dataclass schema."""
+    out: list[tuple[str | None, str]] = []
+    top = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        if dataclasses.is_dataclass(top[f.name]):
+            hints = typing.get_type_hints(top[f.name])
+            out += [(f.name, g.name) for g in dataclasses.fields(top[f.name]) if _is_float_type(hints[g.name])]
+        elif _is_float_type(top[f.name]):
+            out.append((None, f.name))
+    return out
+
+
+def _nonfinite(cfg: Config) -> tuple[list[str], Config]:
+    """Problems for every NaN or infinite float field (``nan <= 0`` is False: every other check passes them), and
+    ``cfg`` with those fields at their defaults, so the other checks do not report them a second time."""
+    problems: list[str] = []
+    sections: dict[str | None, dict[str, Any]] = {}
+    for section, name in float_fields():
+        problem = _nonfinite_problem(section, name, getattr(getattr(cfg, section) if section else cfg, name))
+        if problem:
+            problems.append(problem)
+            sections.setdefault(section, {})[name] = _default(section, name)
+    if not problems:
+        return problems, cfg
+    top = sections.pop(None, {})
+    fixed = {s: dataclasses.replace(getattr(cfg, s), **v) for s, v in sections.items() if s is not None}
+    return problems, dataclasses.replace(cfg, **fixed, **top)
+
+
+def _nonfinite_problem(section: str | None, name: str, value: Any) -> str | None:
+    values = value if isinstance(value, tuple) else (value,)
+    if all(not isinstance(v, float) or math.isfinite(v) for v in values):
+        return None
+    return (f"{f'{section}.{name}' if section else name}: got {value!r}, expected a finite number (NaN and infinity "
+            f"are not); e.g. the default {_default(section, name)!r}")
+
+
+def _default(section: str | None, name: str) -> Any:
+    owner = typing.get_type_hints(Config)[section] if section else Config
+    f = next(f for f in dataclasses.fields(owner) if f.name == name)
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+
+
 def check_static(cfg: Config) -> list[str]:
     """Checks that need no data. Data-dependent checks live in :func:`mtl_ray.data.check_data`."""
-    p: list[str] = []
+    p, cfg = _nonfinite(cfg)
     d, m, a, o, s, t = cfg.data, cfg.model, cfg.algorithm, cfg.optim, cfg.scaling, cfg.tracking
     pt = cfg.pretrain
     _choice(p, "data.source", d.source, SOURCES)

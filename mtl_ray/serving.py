@@ -36,6 +36,7 @@ cell holding a whole array. Bad input raises :class:`ServingInputError` (a :clas
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -47,7 +48,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, REQUEST_LIMIT_EXCEEDED
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 import mtl_ray
@@ -55,6 +56,7 @@ from mtl_ray.algorithms import TaskShape
 from mtl_ray.api import FewShotLearner
 from mtl_ray.config import UserError
 from mtl_ray.distributed.checkpoint import latest_checkpoint, load_checkpoint
+from mtl_ray.memory import fmt_bytes
 
 __all__ = ["INPUT_KEYS", "FewShotModel", "ServingInputError", "default_pip_requirements", "fewshot_signature",
            "log_fewshot_model"]
@@ -73,6 +75,90 @@ class ServingInputError(UserError, MlflowException):
 
     def __init__(self, message: str):
         MlflowException.__init__(self, message, error_code=INVALID_PARAMETER_VALUE)
+
+
+# --------------------------------------------------------------------------- request size
+# MLflow 3's scoring server (mlflow/pyfunc/scoring_server: FastAPI under uvicorn) reads the whole body with
+# `await request.body()` and parses it before the model sees it; neither it nor uvicorn has a body-size limit or a
+# hook for one. So the limit is enforced here, on the inputs as parsed, before adaptation (whose memory and time
+# grow with them). The server answers the exception with `e.get_http_status_code()`, hence 413 below (no MLflow
+# error code maps to 413). A limit on the raw body belongs in front of the server (e.g. nginx's client_max_body_size).
+MAX_REQUEST_BYTES_ENV = "MTL_RAY_MAX_REQUEST_BYTES"
+DEFAULT_MAX_REQUEST_BYTES = 32 * 2**20  # float32: about 10,700 28x28 images, or 390 84x84 RGB ones
+
+
+class RequestTooLargeError(ServingInputError):
+    """A request whose inputs exceed ``$MTL_RAY_MAX_REQUEST_BYTES``: HTTP 413 (Content Too Large)."""
+
+    def __init__(self, message: str):
+        MlflowException.__init__(self, message, error_code=REQUEST_LIMIT_EXCEEDED)
+
+    def get_http_status_code(self) -> int:
+        return 413
+
+
+def max_request_bytes() -> int:
+    """The request size limit in bytes: ``$MTL_RAY_MAX_REQUEST_BYTES`` (0: none), else the default (32 MiB)."""
+    text = os.environ.get(MAX_REQUEST_BYTES_ENV, "").strip()
+    if not text:
+        return DEFAULT_MAX_REQUEST_BYTES
+    value = int(text) if text.isdigit() else -1
+    if value < 0:  # the server's configuration, not the request: HTTP 500 naming it
+        raise MlflowException(f"{MAX_REQUEST_BYTES_ENV}: got {text!r}, expected a whole number of bytes (0: no limit; "
+                              f"default {DEFAULT_MAX_REQUEST_BYTES}); fix it where the server runs",
+                              error_code=INTERNAL_ERROR)
+    return value
+
+
+def _input_bytes(value: Any, budget: int) -> int:
+    """Bytes of one input as the model holds it (arrays: their size; nested lists: 4 per number, as float32),
+    counting no further than just past ``budget`` (a huge list costs no more than the limit to size)."""
+    if hasattr(value, "detach"):  # a torch tensor
+        return int(value.numel() * value.element_size())
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        return int(value.nbytes)
+    if isinstance(value, str | bytes):
+        return len(value)
+    if isinstance(value, np.ndarray | list | tuple | pd.Series):
+        total = 0
+        for item in value:
+            total += _input_bytes(item, budget - total)
+            if total > budget:
+                break
+        return total
+    return 4
+
+
+def check_request_size(model_input: Any) -> None:
+    """Raise :class:`RequestTooLargeError` (HTTP 413) when the request's inputs exceed the limit."""
+    limit = max_request_bytes()
+    if not limit:
+        return
+    if isinstance(model_input, pd.DataFrame):
+        items = [(str(k), model_input[k].tolist()) for k in model_input.columns]
+    elif isinstance(model_input, Mapping):
+        items = [(str(k), v) for k, v in model_input.items()]
+    else:
+        items = [("model input", model_input)]
+    sizes: dict[str, int] = {}
+    for key, value in items:
+        sizes[key] = _input_bytes(value, limit - sum(sizes.values()))
+        if sum(sizes.values()) > limit:
+            break
+    total = sum(sizes.values())
+    if total > limit:
+        parts = ", ".join(f"{k} {_shape_of(v)} {fmt_bytes(sizes[k])}" for k, v in items if k in sizes)
+        raise RequestTooLargeError(
+            f"request: got {'at least ' if len(sizes) < len(items) else ''}{total} bytes ({fmt_bytes(total)}) of "
+            f"inputs ({parts}), expected at most {limit} ({fmt_bytes(limit)}, {MAX_REQUEST_BYTES_ENV}); send the "
+            f"queries in several smaller requests (each with the support set), or raise {MAX_REQUEST_BYTES_ENV} "
+            "where the server runs")
+
+
+def _shape_of(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    return f"shape {tuple(shape)}" if shape is not None else f"{type(value).__name__} of {len(value)}" \
+        if hasattr(value, "__len__") else type(value).__name__
 
 
 def _shape_text(x_shape: Sequence[int], first: str) -> str:
@@ -104,6 +190,7 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
         return model
 
     def predict(self, context, model_input, params=None):
+        check_request_size(model_input)  # HTTP 413 beyond $MTL_RAY_MAX_REQUEST_BYTES, before any work
         shape = self.learner.shape
         support_x, support_y, query_x = self._unpack(model_input)
         transductive = (params or {}).get(TRANSDUCTIVE, False)

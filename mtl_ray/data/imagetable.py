@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -77,10 +78,16 @@ def decode_image(data: bytes, *, image_size: int, channels: int | None = 1, inve
     if channels not in (None, 1, 3):
         raise DataError(f"channels: got {channels!r}, expected 1 (grayscale) or 3 (RGB)")
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
         if img.format == "JPEG":  # decode at a reduced scale straight away when the target is small
             img.draft("RGB" if channels == 3 else "L", (image_size, image_size))
         img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{name}: got an image too large to decode safely ({e}), expected one of at most "
+                        f"{Image.MAX_IMAGE_PIXELS} pixels (it becomes {image_size}x{image_size}); downscale it or "
+                        "remove it (a small file that decodes to that many pixels is a decompression bomb)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{name}: not a readable image ({e.__class__.__name__}: {e}); expected a PNG or "
                         "JPEG file; delete or replace it") from e
@@ -255,13 +262,19 @@ def read_pools(path: str | Path, image_size: int, channels: int | None = None,
             x = np.stack([_resize_chw(im, image_size) for im in x]) if len(x) else x
         x = _to_channels(x, channels, where)
     elif encoding == ENCODED:
+        image_type = table.schema.field("image").type
+        if not (pa.types.is_binary(image_type) or pa.types.is_large_binary(image_type)
+                or pa.types.is_fixed_size_binary(image_type)):
+            raise DataError(f"{where}: column 'image' has type {image_type}, expected binary (PNG/JPEG bytes per row, "
+                            "or the raw uint8 pixels `mtl-ray data convert` writes); rebuild the table with "
+                            "`mtl-ray data convert IMAGE_DIR OUT.parquet`")
         cells = table.column("image").to_pylist()
         out = []
         for i, (cell, lab) in enumerate(zip(cells, labels, strict=True)):
             if cell is None:
-                raise DataError(f"{where}: row {i} (label {lab!r}) has a null image; expected image bytes")
+                raise DataError(f"{where}: row {i} (label {str(lab)!r}) has a null image; expected image bytes")
             out.append(decode_image(cell, image_size=image_size, channels=channels, invert=invert,
-                                    name=f"{where} row {i} (label {lab!r})"))
+                                    name=f"{where} row {i} (label {str(lab)!r})"))
         x = np.stack(out) if out else np.empty((0, channels or 1, image_size, image_size), np.uint8)
     else:
         raise DataError(f"{where}: metadata mtl_ray.encoding got {encoding!r}, expected b'raw-uint8' or "
@@ -303,6 +316,9 @@ def convert_folder(src_dir: str | Path, out_path: str | Path, image_size: int = 
         raise DataError(f"channels: got {channels!r}, expected 1 (grayscale) or 3 (RGB)")
     if image_size <= 0:
         raise DataError(f"image_size: got {image_size}, expected a positive number of pixels")
+    if Path(out_path).is_dir():
+        raise DataError(f"{out_path}: got an existing directory as the output, expected the path of the Parquet file "
+                        f"to write; pass a file name, e.g. {Path(out_path) / (src.name + '.parquet')}")
     class_dirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         loose = [p.name for p in src.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES][:3]

@@ -39,6 +39,11 @@ class StepTimeoutError(RuntimeError):
     pass
 
 
+class WorkerPlacementError(StepTimeoutError, UserError):
+    """The worker actors could not be placed (the cluster lacks the resources asked for): a config to change, so
+    the CLI prints it as one line and exits 2."""
+
+
 class WorkerActor:
     """The Ray actor: a :class:`ShardWorker` that takes numpy weights (see :func:`to_numpy`)."""
 
@@ -143,6 +148,18 @@ class RayExecutor:
         self.num_shards = s.num_workers
         self.timeout_s = s.step_timeout_s
         self.owns_ray = connect(cfg)
+        self.actors: list[Any] = []
+        total = ray.cluster_resources()
+        if self.owns_ray and (s.num_workers * s.cpus_per_worker > total.get("CPU", 0)
+                              or s.num_workers * s.gpus_per_worker > total.get("GPU", 0)):
+            # The local Ray started here has all it will ever have: say so now, not after step_timeout_s.
+            error = WorkerPlacementError(
+                f"scaling.num_workers={s.num_workers}: got {s.num_workers} x ({s.cpus_per_worker:g} CPU, "
+                f"{s.gpus_per_worker:g} GPU) asked of the local Ray started here, which has {_resources()}; expected "
+                "no more than that. Lower scaling.num_workers or scaling.cpus_per_worker/gpus_per_worker, or join a "
+                "cluster that has them (scaling.address)")
+            self.close()
+            raise error
         self.faults = 0  # shards re-run because their actor died
         self.replaced = 0  # actors replaced because they will not come back by themselves
         self._cfg_json = cfg.to_json()
@@ -158,12 +175,14 @@ class RayExecutor:
         try:
             ray.get(self._probes, timeout=self.timeout_s)
         except ray.exceptions.GetTimeoutError:
-            self.close()
-            raise StepTimeoutError(
+            # The message names the cluster's resources: read them before close() shuts down a Ray this started.
+            error = WorkerPlacementError(
                 f"scaling.num_workers={s.num_workers}: the workers did not start within scaling.step_timeout_s="
                 f"{self.timeout_s:g}s; expected {s.num_workers} x ({s.cpus_per_worker:g} CPU, {s.gpus_per_worker:g} "
                 f"GPU) free in the cluster, which has {_resources()}. Lower scaling.num_workers or "
-                "scaling.cpus_per_worker/gpus_per_worker, or add nodes") from None
+                "scaling.cpus_per_worker/gpus_per_worker, or add nodes")
+            self.close()
+            raise error from None
 
     def _new_actor(self) -> Any:
         return self._actor_cls.remote(self._cfg_json, self.cfg.scaling.gpus_per_worker)

@@ -23,6 +23,9 @@ Every value a domain can produce is checked against the config schema before any
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +99,9 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
         ok = isinstance(v, kind) and not (kind in (int, float) and isinstance(v, bool))
         if kind is float and isinstance(v, int) and not isinstance(v, bool):
             v, ok = float(v), True
+        if kind is float and ok and not math.isfinite(v):
+            problems.append(f"sweep.{key}: got {v!r}, expected a finite number")
+            return default
         if not ok:
             problems.append(f"sweep.{key}: got {v!r}, expected a {kind.__name__}")
             return default
@@ -148,6 +154,15 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
             d = _domain(str(key), dom, problems)
             if d is not None:
                 space[str(key)] = d
+    for key, d in space.items():  # a continuous range over an int/bool/str key: every sampled value fails its trial
+        tp = _key_type(key)
+        if d.kind in ("uniform", "loguniform") and tp is not None and not _takes_floats(tp):
+            kind = "an integer" if int in (tp, *typing.get_args(tp)) else f"a {getattr(tp, '__name__', tp)}"
+            want = "randint: [low, high] (integers; high excluded) or choice: [...]" if kind == "an integer" else \
+                "choice: [...]"
+            problems.append(f"sweep.space.{key}.{d.kind}: got a continuous range {list(d.values)} over {kind} key "
+                            f"(Tune samples values like {(d.values[0] + d.values[1]) / 2:g}, which every trial "
+                            f"refuses); expected {want}")
     if base is not None:
         if base.optim.val_every <= 0:
             problems.append("optim.val_every: got 0, expected > 0 in a sweep (trials report and checkpoint at "
@@ -171,6 +186,59 @@ def load_sweep(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) ->
                      search=search, num_samples=num_samples, max_concurrent_trials=max_conc, trial_cpus=trial_cpus,
                      scheduler=scheduler, grace_period=grace, reduction_factor=factor, max_failures=max_failures,
                      source=str(p), overrides=tuple(all_overrides))
+
+
+def _key_type(key: str) -> Any:
+    """The config field type of a dotted key (None when there is no such field: the config check names it)."""
+    section, _, name = key.rpartition(".")
+    top = typing.get_type_hints(Config)
+    if not section:
+        return None if dataclasses.is_dataclass(top.get(name)) else top.get(name)
+    owner = top.get(section)
+    return typing.get_type_hints(owner).get(name) if dataclasses.is_dataclass(owner) else None
+
+
+def _takes_floats(tp: Any) -> bool:
+    return tp is float or float in typing.get_args(tp)
+
+
+def check_sweep(spec: SweepSpec) -> list[str]:
+    """The problems a trial would find when it starts (data-dependent checks, the memory estimate) for the base
+    config and for every value a domain can produce, each varied alone, and for every numeric key at its largest
+    value together (memory). :func:`load_sweep` made the static checks; this one reads the data."""
+    from mtl_ray.data import check_data, splits_used
+    from mtl_ray.distributed.transfer import check_init
+    from mtl_ray.memory import memory_problems
+
+    data_checked: dict[Any, list[str]] = {}
+
+    def check(cfg: Config) -> list[str]:
+        memory = memory_problems(cfg)
+        if memory:  # the data checks load the data at these sizes; that is what does not fit
+            return memory
+        key = (cfg.data, tuple(splits_used(cfg)))
+        if key not in data_checked:
+            data_checked[key] = check_data(cfg)
+        return data_checked[key]
+
+    base = check(spec.base)
+    problems = base + check_init(spec.base)
+    for key, d in spec.space.items():
+        for v in d.values:
+            problems += [f"sweep.space.{key} value {v!r}: {q}" for q in check(spec.base.replace(**{key: v}))
+                         if q not in base]
+    numeric = {k: max(d.values) for k, d in spec.space.items()
+               if len(spec.space) > 1 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in d.values)}
+    if len(numeric) > 1:
+        try:
+            corner = spec.base.replace(**numeric)
+        except ConfigError:  # each value is valid alone; a combination a trial may also never sample
+            corner = None
+        if corner is not None:
+            together = ", ".join(f"{k}={v!r}" for k, v in numeric.items())
+            problems += [f"sweep.space with {together} together (each key's largest value): {q}"
+                         for q in memory_problems(corner) if q not in problems and q not in base]
+    return list(dict.fromkeys(problems))
 
 
 def _domain(key: str, dom: Any, problems: list[str]) -> Domain | None:

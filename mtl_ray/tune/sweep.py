@@ -159,6 +159,20 @@ def _parent_run(spec: SweepSpec, sweep_dir: Path, resume: bool) -> tuple[Any, st
         return None, None
 
 
+def resume_problem(sweep_dir: Path) -> str | None:
+    """Why ``--resume`` cannot continue the sweep in ``sweep_dir`` (None when Tune can restore it): without this a
+    resume of a mistyped directory started a new sweep there."""
+    from ray import tune
+
+    tune_dir = sweep_dir.absolute() / "tune"
+    if tune.Tuner.can_restore(str(tune_dir)):
+        return None
+    what = ("does not exist" if not sweep_dir.exists() else
+            f"holds no sweep to resume (no Tune experiment state in {tune_dir})")
+    return (f"--resume: got --sweep-dir {str(sweep_dir)!r}, which {what}; expected the directory of an earlier sweep "
+            "(the `mtl-ray tune` that started it printed it); drop --resume to start a new sweep")
+
+
 def run_sweep(spec: SweepSpec, sweep_dir: Path, *, resume: bool = False, out=sys.stdout) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
