@@ -136,6 +136,7 @@ def evaluate(ckpt_path: str, *, overrides: Sequence[str], split: str, episodes: 
         shape = TaskShape(ck.shape.kind, ck.shape.x_shape, WAYS if lake is not None else cfg.data.ways)
         cfg, params = linear_probe(cfg, ck.params, shape)
         method = f"pretrained body + linear head, lr {cfg.algorithm.inner_lr:g}"
+    method += f", model.norm={cfg.model.norm}"  # transductive scores depend on the queries scored together
     steps = cfg.eval_inner_steps
     result: dict[str, float] = {"step": float(ck.step)}
     if lake is not None:
