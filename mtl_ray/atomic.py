@@ -105,7 +105,8 @@ def check_writable(directory: str | Path, fix: str = "") -> None:
 
     It really writes (and removes) a small file, so a read-only or immutable directory, a read-only
     mount or a full disk are found whoever runs it (root ignores permission bits, not those). The
-    directories it had to create are removed again when it fails.
+    directories it had to create are removed again, so a check leaves nothing behind (the first real
+    write creates them).
     """
     d = Path(directory).absolute()
     missing = []
@@ -126,7 +127,12 @@ def check_writable(directory: str | Path, fix: str = "") -> None:
     except OSError as e:
         with contextlib.suppress(OSError):
             probe.unlink(missing_ok=True)
-        for m in missing:  # deepest first
-            with contextlib.suppress(OSError):
-                m.rmdir()
+        _remove(missing)
         raise WriteError(d, e, fix) from e
+    _remove(missing)
+
+
+def _remove(created: list[Path]) -> None:
+    for m in created:  # deepest first
+        with contextlib.suppress(OSError):
+            m.rmdir()

@@ -380,10 +380,15 @@ def resume_point(location: str | Path) -> ResumePoint | None:
 
 
 def set_aside(point: ResumePoint, out: TextIO | None = None) -> None:
-    """Rename each skipped checkpoint to ``<name>.corrupt`` (so it is no run's "latest"), one line each."""
+    """Rename each skipped checkpoint to ``<name>.corrupt`` (so it is no run's "latest"), one line each.
+
+    Idempotent: one already set aside (the trainer and the run's first writes both call this) is left alone.
+    """
     out = out or sys.stderr
     for path, why in point.skipped:
         fs, resolved = _resolve(path)
+        if _kind(fs, resolved) != pafs.FileType.File:
+            continue
         fs.move(resolved, resolved + CORRUPT_SUFFIX)
         print(f"warning: --resume skipped {path} ({why}), renamed it to {path}{CORRUPT_SUFFIX}; resuming from "
               f"{point.path} (step {point.checkpoint.step})", file=out, flush=True)

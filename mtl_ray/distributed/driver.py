@@ -107,9 +107,9 @@ class MetaTrainer:
         if point is not None:  # the newest intact checkpoint, written with a config this one may continue
             check_resume(point, cfg, META_STAGE)
             check_fits(point, cfg)
-            set_aside(point)
-        executor = executor or build_executor(cfg)
+        executor = executor or build_executor(cfg)  # placed before anything is renamed: a failure here writes nothing
         if point is not None:
+            set_aside(point)
             ck = point.checkpoint
             return cls(cfg, executor, params=ck.params, shape=ck.shape, run_dir=run_dir, optimizer_state=ck.optimizer,
                        step=ck.step, skipped_steps=ck.skipped_steps, tasks_seen=ck.tasks_seen, callbacks=callbacks)

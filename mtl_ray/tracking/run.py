@@ -39,8 +39,14 @@ def run_training(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite:
     plan = prepare_run(cfg, run_dir, resume=resume, overwrite=overwrite, stage=META_STAGE)
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
-    begin_run(cfg, plan, out)
+    # The workers are placed (and a resume point read) before the first write: a placement failure leaves the run
+    # directory as it was, so the same command can simply be run again.
     trainer = MetaTrainer.create(cfg, run_dir, resume=resume)
+    try:
+        begin_run(cfg, plan, out)
+    except BaseException:
+        trainer.close()
+        raise
     log = JsonlMetrics(run_dir, resume_step=trainer.step)
     progress = Progress(cfg.optim.steps, trainer.step, every=cfg.tracking.log_every, enabled=cfg.tracking.progress)
     tracker = MlflowRun(cfg, run_dir, resume=resume, parent_run_id=parent_run_id) if cfg.tracking.mlflow else None
