@@ -42,6 +42,15 @@ def run(cmd: list[str], env: dict[str, str], log: Path) -> str:
     return proc.stdout
 
 
+def cli_and_env(data_dir: str | None) -> tuple[list[str], dict[str, str]]:
+    """The ``mtl-ray`` command of this interpreter and an environment whose data root is ``data_dir`` (default
+    ``$MTL_RAY_DATA_DIR``, else ../shared/data beside the repository)."""
+    env = dict(os.environ)
+    data_dir = data_dir or env.get("MTL_RAY_DATA_DIR") or str(ROOT.parent / "shared" / "data")
+    env["MTL_RAY_DATA_DIR"] = str(Path(data_dir).resolve())
+    return [sys.executable, "-m", "mtl_ray.cli"], env
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--algorithms", default="protonet,maml", help="comma-separated: protonet,maml")
@@ -52,10 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key=value overrides passed to every training run")
     args = p.parse_args(argv)
 
-    env = dict(os.environ)
-    data_dir = args.data_dir or env.get("MTL_RAY_DATA_DIR") or str(ROOT.parent / "shared" / "data")
-    env["MTL_RAY_DATA_DIR"] = str(Path(data_dir).resolve())
-    cli = [sys.executable, "-m", "mtl_ray.cli"]
+    cli, env = cli_and_env(args.data_dir)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results = {"minutes": args.minutes, "cpus": os.cpu_count(), "overrides": args.overrides, "runs": {}}
     for alg in [a.strip() for a in args.algorithms.split(",") if a.strip()]:

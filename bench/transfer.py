@@ -24,11 +24,10 @@ import argparse
 import json
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
-from lake import run  # bench/lake.py: run a command, tee its log, fail loudly
+from lake import cli_and_env, run  # bench/lake.py: the CLI and its data root; run a command, tee its log
 
 from mtl_ray.tracking.local import atomic_write_text
 
@@ -56,10 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="an earlier run's work dir: reuse its finished runs and evaluations, do the missing ones")
     args = p.parse_args(argv)
 
-    env = dict(os.environ)
-    data_dir = args.data_dir or env.get("MTL_RAY_DATA_DIR") or str(ROOT.parent / "shared" / "data")
-    env["MTL_RAY_DATA_DIR"] = str(Path(data_dir).resolve())
-    cli = [sys.executable, "-m", "mtl_ray.cli"]
+    cli, env = cli_and_env(args.data_dir)
     work = args.reuse or args.work_dir / time.strftime("%Y%m%d-%H%M%S")
     quiet = ["tracking.progress=false"]
 

@@ -141,3 +141,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def sinusoid_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run directory holding a real, tiny checkpoint (sinusoid MAML, MLP [8], 2 steps): for tests that need any
+    checkpoint to point a command at. Read it, never write into it (it is shared by the whole session)."""
+    from mtl_ray.distributed.driver import MetaTrainer
+
+    run = tmp_path_factory.mktemp("sinusoid_run") / "run"
+    cfg = from_dict({"data": {"source": "sinusoid", "shots": 5, "queries": 5}, "model": {"name": "mlp",
+                     "hidden_sizes": [8]}, "optim": {"steps": 2, "meta_batch_size": 2, "val_every": 0},
+                     "tracking": {"checkpoint_every": 0, "progress": False, "mlflow": False}})
+    trainer = MetaTrainer.create(cfg, run)
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    return run

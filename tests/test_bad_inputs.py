@@ -214,24 +214,16 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> Path:
+def assets(tmp_path_factory, sinusoid_run) -> Path:
     """Inputs the cases read: a sinusoid checkpoint, image folders (one a decompression bomb), Parquet tables."""
+    import shutil
+
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
 
-    from mtl_ray.config import from_dict
-    from mtl_ray.distributed.driver import MetaTrainer
-
     d = tmp_path_factory.mktemp("bad_input_assets")
-    cfg = from_dict({"data": {"source": "sinusoid", "shots": 5, "queries": 5}, "model": {"name": "mlp",
-                     "hidden_sizes": [8]}, "optim": {"steps": 2, "meta_batch_size": 2, "val_every": 0},
-                     "tracking": {"checkpoint_every": 0, "progress": False, "mlflow": False}})
-    trainer = MetaTrainer.create(cfg, d / "run")
-    try:
-        trainer.fit()
-    finally:
-        trainer.close()
+    shutil.copytree(sinusoid_run, d / "run")  # a copy: the snapshot compares these assets before and after
     for c in range(3):
         (d / "imgs" / f"c{c}").mkdir(parents=True)
         Image.fromarray(np.full((8, 8), 40 * c, np.uint8)).save(d / "imgs" / f"c{c}" / "0.png")

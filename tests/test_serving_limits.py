@@ -24,6 +24,7 @@ import mlflow
 import numpy as np
 import pytest
 
+from mtl_ray.distributed.checkpoint import latest_checkpoint
 from mtl_ray.serving import (
     DEFAULT_MAX_REQUEST_BYTES,
     MAX_REQUEST_BYTES_ENV,
@@ -34,25 +35,15 @@ from mtl_ray.serving import (
 
 
 @pytest.fixture(scope="module")
-def model_uri(tmp_path_factory) -> str:
-    from mtl_ray.config import from_dict
-    from mtl_ray.distributed.driver import MetaTrainer
-
+def model_uri(tmp_path_factory, sinusoid_run) -> str:
     root = tmp_path_factory.mktemp("serving_limits")
-    cfg = from_dict({"data": {"source": "sinusoid", "shots": 5, "queries": 4}, "model": {"name": "mlp",
-                     "hidden_sizes": [8]}, "optim": {"steps": 2, "meta_batch_size": 2, "val_every": 0},
-                     "tracking": {"checkpoint_every": 0, "progress": False, "mlflow": False}})
-    trainer = MetaTrainer.create(cfg, root / "run")
-    try:
-        summary = trainer.fit()
-    finally:
-        trainer.close()
+    checkpoint = latest_checkpoint(sinusoid_run)
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     try:
         exp = mlflow.create_experiment("limits", artifact_location=str(root / "artifacts"))
         with mlflow.start_run(experiment_id=exp):
-            info = log_fewshot_model(summary.checkpoint)
+            info = log_fewshot_model(checkpoint)
         # a local copy: the served model needs no tracking store
         return mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(root / "model"))
     finally:
