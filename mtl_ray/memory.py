@@ -19,29 +19,10 @@ The estimate, per compute process (the in-process trainer, or each Ray worker ac
 *Activation floats per example* come from the model's shape alone (:func:`activation_floats`): for Conv4 each block
 keeps about two maps at conv resolution and two at its output resolution (plus the 3x3 patches of an unfolded
 block); an MLP two per hidden unit. The *graph factor* says how many such forward passes' worth of tensors a chunk
-holds at its peak. Both were fitted to runs on a 2-core CPU with torch 2.13 (resident set sizes; 2026-12-01):
-
-    whole runs, peak RSS of each process                         measured                estimate
-    omniglot_maml.yaml (2 workers, 5-way 1+15, chunks of 8)      1.56 + 1.55 GB workers  1.5 GB each
-                                                                 0.56 GB driver          0.5 GB
-                                                                 0.55 GB Ray's own       0.5 GB
-    ... data.ways=20 data.queries=10 optim.meta_batch_size=64    6.68 + 6.00 GB workers  5.3 GB each
-        algorithm.task_chunk_size=16                             0.55 GB driver          0.5 GB
-
-    one shard in a fresh process, peak RSS less RSS before it    measured   estimate (+ 0.1 GB first call)
-    omniglot_maml.yaml, 16 tasks (2 chunks of 8)                 1.01 GB    0.94 GB
-    ... 16 tasks, algorithm.task_chunk_size=16                   1.81 GB    1.77 GB
-    ... 8 tasks, algorithm.inner_steps=5                         1.09 GB    0.96 GB
-    ... 8 tasks, model.downsample=stride                         0.40 GB    0.45 GB
-    ... 8 tasks, model.conv_impl=native                          1.77 GB    1.69 GB
-    ... 8 tasks, algorithm.name=reptile / protonet / relationnet 0.42 / 0.86 / 1.24 GB   0.45 / 0.92 / 1.35 GB
-    ... validation, 16 tasks, 3 inner steps                      0.53 GB    0.58 GB
-    sinusoid_maml.yaml, data.queries=10**6, 1 task               0.87 GB    1.36 GB
-    ... model.hidden_sizes=[200,200]                             7.26 GB    6.09 GB
-    ... optim.meta_batch_size=100000 (chunks of 25000 tasks)     1.90 GB    1.57 GB
-
-So it is within about 30% of what a process really takes, more often below than above: good enough to refuse
-what cannot run (a meta-batch or a task thousands of times too big), not a promise that what passes fits.
+holds at its peak. Both were fitted to the resident set sizes of runs on a 2-core CPU (docs/benchmarks.md,
+"Memory estimate", has the measurements). So it is within about 30% of what a process really takes, more often
+below than above: good enough to refuse what cannot run (a meta-batch or a task thousands of times too big), not
+a promise that what passes fits.
 The memory available is the kernel's ``MemAvailable`` (``/proc/meminfo``), or less when a cgroup limit leaves
 less. Workers on an external Ray cluster (``scaling.address`` or ``$RAY_ADDRESS``) are not checked (their nodes'
 memory is not known here), nor GPU memory (CUDA reports its own out-of-memory); the driver's own share is.
