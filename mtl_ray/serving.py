@@ -54,7 +54,7 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 import mtl_ray
 from mtl_ray.algorithms import TaskShape
 from mtl_ray.api import FewShotLearner
-from mtl_ray.config import UserError
+from mtl_ray.config import NORM_TRANSDUCTIVE, UserError
 from mtl_ray.distributed.checkpoint import latest_checkpoint, load_checkpoint
 from mtl_ray.memory import fmt_bytes
 
@@ -352,6 +352,8 @@ def log_fewshot_model(checkpoint_path: str | Path, name: str = "model", input_ex
         input_example = example_input(ck.shape)
     if input_example is not None:  # MLflow checks it against the signature; a failed trial predict only warns
         FewShotModel.from_learner(FewShotLearner(ck.config, ck.params, ck.shape))._unpack(input_example)
+        if ck.config.model.norm == NORM_TRANSDUCTIVE:  # the example says what such a model's requests need
+            input_example = (input_example, {TRANSDUCTIVE: True})
     return mlflow.pyfunc.log_model(
         name=name,
         python_model=FewShotModel(),

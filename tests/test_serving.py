@@ -215,3 +215,22 @@ def test_concurrent_requests_answer_as_one_at_a_time(sinusoid_maml):
     with ThreadPoolExecutor(max_workers=tasks.num_tasks) as pool:
         got = list(pool.map(answer, order))
     assert got == [want[i] for i in order]
+
+
+def test_a_transductive_model_serves_only_requests_that_opt_in(digits, tracking, tmp_path, caplog):
+    cfg, _ckpt, task, _info = digits
+    cfg = cfg.replace(**{"model.norm": "transductive"})
+    ckpt = _train(cfg, tmp_path / "run")
+    with caplog.at_level("WARNING"), mlflow.start_run(experiment_id=tracking):
+        info = log_fewshot_model(ckpt)
+    assert "Got error" not in caplog.text  # MLflow's trial prediction of the input example passed
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    with pytest.raises(MlflowException, match=r"model.norm=transductive: .* Pass transductive=True"):
+        model.predict(_inputs(task))
+    got = model.predict(_inputs(task), params={"transductive": True}).tolist()
+    assert got == FewShotLearner.from_checkpoint(ckpt).adapt(task.support_x[0], task.support_y[0]).predict(
+        task.query_x[0], transductive=True)
+    # the stored serving example says what such a request needs
+    local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model")))
+    example = json.loads((local / "serving_input_example.json").read_text())
+    assert example["params"] == {"transductive": True}
