@@ -9,7 +9,7 @@ each scored in the mode the run was trained in, and Lake's runs once more throug
 per call, as a served model is asked (a transductive model with ``transductive=True``). Writes the table and
 the command behind every number to ``--doc`` (docs/normalisation.md) and the raw numbers to ``--out``.
 
-    python bench/norm.py                                    # protonet 300 steps, maml 40; 600 episodes
+    python bench/norm.py                                    # protonet 300 steps, maml 150; 600 episodes
     python bench/norm.py --algorithms protonet:100 --episodes 100
 """
 
@@ -43,7 +43,7 @@ LAKE = re.compile(r"error ([\d.]+)%")
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--algorithms", nargs="+", default=["protonet:300", "maml:40"],
+    p.add_argument("--algorithms", nargs="+", default=["protonet:300", "maml:150"],
                    help="ALG:STEPS each: jobs/configs/omniglot_<ALG>.yaml trained for STEPS steps in each mode")
     p.add_argument("--episodes", type=int, default=600)
     p.add_argument("--data-dir", default=None, help="data root (default $MTL_RAY_DATA_DIR or ../shared/data)")
