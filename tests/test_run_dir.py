@@ -408,15 +408,19 @@ def test_unknown_checkpoint_uri_scheme_fails_at_start(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("how", ["config", "env"])
-def test_unreachable_ray_address_fails_at_start_without_hanging(tmp_path, capsys, monkeypatch, how):
+def test_unreachable_ray_address_fails_at_start_without_hanging(tmp_path, how):
+    """In a fresh process, as a user runs it: in this one an earlier test's Ray may be up, and is then reused."""
     run = tmp_path / "run"
     extra = ["scaling.num_workers=1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     if how == "config":
         extra.append("scaling.address=127.0.0.1:1")
     else:
-        monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+        env["RAY_ADDRESS"] = "127.0.0.1:1"
     t0 = time.monotonic()
-    rc, _, err = train(capsys, run, *extra)
+    proc = subprocess.run([sys.executable, "-m", "mtl_ray.cli", "train", *SIN, *extra, "--run-dir", str(run)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    rc, err = proc.returncode, proc.stderr
     assert time.monotonic() - t0 < 60
     where = "scaling.address" if how == "config" else "$RAY_ADDRESS"
     assert rc == EXIT_CONFIG and err.count("\n") == 1

@@ -145,7 +145,7 @@ def test_cross_domain_eval_on_digits_through_the_cli(pretrained, omniglot_root: 
     trainer.fit()
     out = cli("eval", trainer.last_checkpoint, "data.source=digits", "data.shots=5", "--episodes", "100",
               env_root=omniglot_root).stdout
-    assert "5-way 5-shot" in out and "[mtl]" in out
+    assert "5-way 5-shot" in out and "[mtl, model.norm=support]" in out
     acc, half = _accuracy(out)
     assert acc - half > 25.0
 
