@@ -79,7 +79,7 @@ OMNIGLOT_FAST = ["data.queries=5", "model.downsample=stride", "optim.val_every=0
 @pytest.mark.slow
 @pytest.mark.parametrize("config,extra", [
     ("omniglot_protonet.yaml", ["optim.steps=100", "optim.meta_batch_size=8"]),
-    ("omniglot_maml.yaml", ["optim.steps=150", "optim.meta_batch_size=8", "algorithm.first_order=true"]),
+    ("omniglot_maml.yaml", ["optim.steps=250", "optim.meta_batch_size=8", "algorithm.first_order=true"]),
 ])
 def test_omniglot_held_out_alphabets_far_above_chance(config, extra, omniglot_root, shared_data, tmp_path):
     run = tmp_path / "run"

@@ -211,7 +211,16 @@ class FunctionalAlgorithm:
         if support is None:
             return functional_call(module, weights, (x,))
         n = support.shape[0]
-        return functional_call(module, weights, (torch.cat([support, x]),), {"ref": n})[n:]
+        return functional_call(module, weights, (torch.cat([support, x]),), self.norm_kwargs(n))[n:]
+
+    def norm_kwargs(self, ref: int) -> dict[str, int | bool]:
+        """The forward-pass arguments that normalise with the first ``ref`` rows' statistics.
+
+        First-order learners take those statistics as constants: their meta-gradient drops the terms through
+        the support set (the inner loop's), and keeping the one through the support statistics alone stopped
+        first-order MAML from learning (docs/architecture.md, "Normalisation").
+        """
+        return {"ref": ref, "ref_grad": not self.first_order}
 
     def init_params(self, model_params: Params) -> Params:
         return dict(model_params)

@@ -76,12 +76,13 @@ class RelationNetwork(FunctionalAlgorithm):
         support = state.get(SUPPORT_X)
         s = 0 if support is None else support.shape[0]
         x = query_x if support is None else torch.cat([support, query_x])
-        f = functional_call(self.model.body, sub(params, "body."), (x,), {"ref": s or None})  # [S+Q, C, s, s]
+        f = functional_call(self.model.body, sub(params, "body."), (x,), self.norm_kwargs(s) if s else {})
         fc = state["class_features"]  # [N, C, s, s]
-        m, n = f.shape[0], fc.shape[0]
+        m, n = f.shape[0], fc.shape[0]  # f: [S+Q, C, s, s]
         pairs = torch.cat([fc.unsqueeze(0).expand(m, *fc.shape), f.unsqueeze(1).expand(m, n, *f.shape[1:])],
                           dim=2).flatten(0, 1)  # [(S+Q)*N, 2C, s, s]
-        z = functional_call(self.model.relation, sub(params, "relation."), (pairs,), {"ref": s * n or None})
+        z = functional_call(self.model.relation, sub(params, "relation."), (pairs,),
+                            self.norm_kwargs(s * n) if s else {})
         z = torch.relu(functional_call(self.model.fc1, sub(params, "fc1."), (z.flatten(1),)))
         scores = torch.sigmoid(functional_call(self.model.fc2, sub(params, "fc2."), (z,))).view(m, n)
         return scores[s:]

@@ -31,23 +31,27 @@ STEM_MAX_PATCH = 27
 
 
 def batch_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = BN_EPS,
-               ref: int | None = None) -> torch.Tensor:
+               ref: int | None = None, ref_grad: bool = True) -> torch.Tensor:
     """Batch-statistics norm over all dims but 1: ``x [N, C, ...]``, ``weight, bias [C]``.
 
     The statistics are those of ``x[:ref]`` (all of ``x`` when ``ref`` is None), so with ``ref`` set an
-    output row ``i >= ref`` depends on the reference rows and row ``i`` alone.
+    output row ``i >= ref`` depends on the reference rows and row ``i`` alone. ``ref_grad=False`` makes
+    those reference statistics constants to differentiation (first-order learners, docs/architecture.md).
     Folded into one per-channel scale and shift (``x * scale + shift``) after a single ``var_mean``
     pass: two full-size elementwise ops instead of six, which is most of Conv4's time under ``vmap``.
     """
     dims = [0, *range(2, x.dim())]
     var, mean = torch.var_mean(x if ref is None else x[:ref], dim=dims, correction=0, keepdim=True)
+    if ref is not None and not ref_grad:
+        var, mean = var.detach(), mean.detach()
     shape = [1, -1] + [1] * (x.dim() - 2)
     scale = torch.rsqrt(var + eps) * weight.view(shape)
     return torch.addcmul(bias.view(shape) - mean * scale, x, scale)
 
 
 def folded_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor,
-                 *, stride: int, pool: bool, eps: float = BN_EPS, ref: int | None = None) -> torch.Tensor:
+                 *, stride: int, pool: bool, eps: float = BN_EPS, ref: int | None = None,
+                 ref_grad: bool = True) -> torch.Tensor:
     """``relu(maxpool2x2(batch_norm(conv(x))))`` (or without the pool) computed without a pass over the conv output.
 
     ``x [N, C, H, W]``, ``weight [O, C, k, k]`` (padding ``k // 2``), ``bias, gamma, beta [O]`` -> ``[N, O, H', W']``.
@@ -66,7 +70,8 @@ def folded_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamm
       outputs grouped by 2x2 window offset, so the pool is a max over 4 slabs, ties going to the first
       offset in row-major order as in ``F.max_pool2d``. Positions outside the pooled area (odd sizes)
       count in the statistics, as in the plain form.
-    * ``ref``: the statistics are those of the first ``ref`` images (all when None), as in :func:`batch_norm`.
+    * ``ref``, ``ref_grad``: the statistics are those of the first ``ref`` images (all when None), constants to
+      differentiation when ``ref_grad`` is False, as in :func:`batch_norm`.
     """
     n, _, h, w = x.shape
     o, k = weight.shape[0], weight.shape[-1]
@@ -79,8 +84,11 @@ def folded_block(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, gamm
         cov = torch.einsum("nkl,njl->kj", centred, centred) / (stats.shape[0] * ho * wo)  # [K, K]
         wf = weight.reshape(o, -1)  # [O, K]
         var = ((wf @ cov) * wf).sum(1).clamp_min(0.0)  # [O]
+        mean = wf @ mu + bias  # [O]
+        if ref is not None and not ref_grad:
+            var, mean = var.detach(), mean.detach()
         scale = gamma * torch.rsqrt(var + eps)
-        shift = beta + scale * (bias - (wf @ mu + bias))
+        shift = beta + scale * (bias - mean)
         folded = torch.cat([wf * scale[:, None], shift[:, None]], 1)  # [O, K+1]
     if pool:  # columns ordered (window offset, image, pooled position)
         cols = cols.view(n, -1, ho, wo)
@@ -122,23 +130,23 @@ class ConvBlock(nn.Module):
         self.impl = impl
         self.folded = impl == "folded" and cin * 3 * 3 <= STEM_MAX_PATCH
 
-    def forward(self, x: torch.Tensor, ref: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ref: int | None = None, ref_grad: bool = True) -> torch.Tensor:
         """``x [N, C, H, W]`` -> ``[N, O, H', W']``, normalised with the statistics of ``x[:ref]`` (None: all)."""
         if self.folded:
             return folded_block(x, self.conv.weight, self.conv.bias, self.norm.weight, self.norm.bias,
-                                stride=self.conv.stride[0], pool=self.pool, ref=ref)
+                                stride=self.conv.stride[0], pool=self.pool, ref=ref, ref_grad=ref_grad)
         x = conv2d(x, self.conv.weight, self.conv.bias, stride=self.conv.stride[0], padding=1, impl=self.impl)
-        x = batch_norm(x, self.norm.weight, self.norm.bias, ref=ref)
+        x = batch_norm(x, self.norm.weight, self.norm.bias, ref=ref, ref_grad=ref_grad)
         # max-pool before ReLU: equal (ReLU is monotone) and the ReLU touches 4x fewer elements.
         return F.relu(F.max_pool2d(x, 2) if self.pool else x)
 
 
 class Blocks(nn.Sequential):
-    """``nn.Sequential`` that hands the normalisation reference count ``ref`` to the blocks that normalise."""
+    """``nn.Sequential`` that hands the normalisation reference (``ref``, ``ref_grad``) to the blocks that normalise."""
 
-    def forward(self, x: torch.Tensor, ref: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ref: int | None = None, ref_grad: bool = True) -> torch.Tensor:
         for layer in self:
-            x = layer(x, ref) if isinstance(layer, ConvBlock) else layer(x)
+            x = layer(x, ref, ref_grad) if isinstance(layer, ConvBlock) else layer(x)
         return x
 
 

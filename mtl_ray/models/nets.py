@@ -30,7 +30,7 @@ class MLP(nn.Module):
         self.feature_dim = prev
         self.head = nn.Linear(prev, out_features) if out_features else None
 
-    def forward(self, x: torch.Tensor, ref: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ref: int | None = None, ref_grad: bool = True) -> torch.Tensor:
         z = self.body(x)  # no normalisation: ``ref`` changes nothing
         return self.head(z) if self.head is not None else z
 
@@ -60,8 +60,8 @@ class Conv4(nn.Module):
         self.feature_dim = channels * side * side
         self.head = nn.Linear(self.feature_dim, out_features) if out_features else None
 
-    def forward(self, x: torch.Tensor, ref: int | None = None) -> torch.Tensor:
-        z = self.body(x, ref)
+    def forward(self, x: torch.Tensor, ref: int | None = None, ref_grad: bool = True) -> torch.Tensor:
+        z = self.body(x, ref, ref_grad)
         if self.flatten:
             z = z.flatten(1)
         return self.head(z) if self.head is not None else z
@@ -93,5 +93,5 @@ class RelationNet(nn.Module):
         self.fc2 = nn.Linear(hidden, 1)
         self.feature_shape = (c, s, s)
 
-    def forward(self, x: torch.Tensor, ref: int | None = None) -> torch.Tensor:
-        return self.body(x, ref)
+    def forward(self, x: torch.Tensor, ref: int | None = None, ref_grad: bool = True) -> torch.Tensor:
+        return self.body(x, ref, ref_grad)

@@ -34,10 +34,11 @@ def _input(kind: str, cin: int, size: int) -> torch.Tensor:
     return x
 
 
-def _second_order(block: ConvBlock, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _second_order(block: ConvBlock, x: torch.Tensor, ref: int | None = None,
+                  ref_grad: bool = True) -> tuple[torch.Tensor, ...]:
     """Output, the gradient of a weighted sum of it, and the gradient of a weighted sum of that gradient."""
     params = [block.conv.weight, block.conv.bias, block.norm.weight, block.norm.bias]
-    out = block(x)
+    out = block(x, ref, ref_grad)
     r = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
     g1 = torch.autograd.grad((out * r).sum(), params, create_graph=True, allow_unused=True, materialize_grads=True)
     v = sum((g * torch.cos(torch.arange(g.numel(), dtype=g.dtype)).view_as(g)).sum() for g in g1)
@@ -61,6 +62,19 @@ def test_folded_block_equals_conv_norm_pool_relu_to_second_order(kind, cin, size
         # the conv bias is cancelled by the norm: exactly 0 folded, rounding noise plain
         assert torch.allclose(g, w, rtol=1e-9, atol=1e-10 * max(float(w.abs().max()), 1.0)), name
     assert not got[2].any(), "the folded conv bias gets an exactly zero gradient"
+
+
+@pytest.mark.parametrize("ref_grad", [True, False])
+@pytest.mark.parametrize("downsample,pool", [("pool", True), ("stride", True), ("pool", False)])
+def test_folded_block_equals_the_plain_one_with_reference_statistics(downsample, pool, ref_grad):
+    """Statistics from the first rows only (model.norm=support), differentiated through or constants (first order)."""
+    plain, folded = _blocks(1, downsample, pool)
+    x = _input("random", 1, 16)
+    want, got = _second_order(plain, x, 2, ref_grad), _second_order(folded, x, 2, ref_grad)
+    for i, (w, g) in enumerate(zip(want, got, strict=True)):
+        assert torch.allclose(g, w, rtol=1e-9, atol=1e-10 * max(float(w.abs().max()), 1.0)), i
+    with_grad = _second_order(folded, x, 2, True)
+    assert (not ref_grad) == (not torch.allclose(got[1], with_grad[1]))  # constants change the weight gradient
 
 
 def test_only_narrow_inputs_are_folded():
