@@ -7,6 +7,7 @@ digits, and the scoring server's own request handler for the ``mlflow models ser
 from __future__ import annotations
 
 import json
+import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -234,3 +235,40 @@ def test_a_transductive_model_serves_only_requests_that_opt_in(digits, tracking,
     local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model")))
     example = json.loads((local / "serving_input_example.json").read_text())
     assert example["params"] == {"transductive": True}
+
+
+def _json_body(task, **changes) -> dict:
+    body = {"inputs": {k: v.tolist() for k, v in _inputs(task, NAMES).items()}}
+    for key, value in changes.items():
+        where = body if key == "params" else body["inputs"]
+        where[key] = value
+    return body
+
+
+BAD_REQUESTS = [  # (case, changes to a good JSON request, message naming the value)
+    ("empty query set", {"query_x": []}, r"Shape of input \(0,\) does not match"),
+    ("NaN in the support set", {"support_x": "nan"}, r"support_x: got non-finite values"),
+    ("labels one short", {"support_y": list(NAMES[:WAYS - 1])}, r"support_y: got shape \(4,\), expected \[5\]"),
+    ("one class only", {"support_y": ["zero"] * WAYS}, r"support_y: got 1 distinct label\(s\) \['zero'\]"),
+    ("images of another size", {"query_x": np.zeros((2, 1, 28, 28)).tolist()}, r"query_x|does not match"),
+    ("transductive not a boolean", {"params": {"transductive": "yes"}}, r"transductive"),
+]
+
+
+@pytest.mark.parametrize("case,changes,message", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_get_http_4xx_naming_the_value(digits, case, changes, message):
+    """Through the scoring server's own handler, as `mlflow models serve` answers them."""
+    _cfg, _ckpt, task, info = digits
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    body = _json_body(task, **changes)
+    if changes.get("support_x") == "nan":
+        body["inputs"]["support_x"] = np.full(np.shape(body["inputs"]["query_x"])[1:], np.nan)[None].repeat(
+            WAYS, 0).tolist()
+    try:
+        res = scoring_server.invocations(json.dumps(body), "application/json", model,
+                                         model.metadata.get_input_schema())
+        status, text = res.status, res.response
+    except MlflowException as e:
+        status, text = e.get_http_status_code(), e.message
+    assert 400 <= status < 500, (status, text)
+    assert re.search(message, text), text
