@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from mtl_ray.algorithms import FunctionalAlgorithm, Learner, Params, TaskShape, build_learner, linear_probe, uses_head
-from mtl_ray.config import NORM_TRANSDUCTIVE, Config, UserError
+from mtl_ray.config import Config, UserError
 from mtl_ray.data.base import to_float_images
 from mtl_ray.data.fetch import DataError
 from mtl_ray.data.imagetable import IMAGE_SUFFIXES, decode_image
@@ -73,14 +73,14 @@ class AdaptedLearner:
         """
         lrn = self.learner
         x = lrn._check_x(query_x, "query_x")
-        if self.algorithm.norm == NORM_TRANSDUCTIVE and not transductive:
+        if self.algorithm.transductive and not transductive:
             raise UserError(
                 "predict: this model was trained with model.norm=transductive: it normalises the queries of a call "
                 "with their own statistics, so a query's answer depends on the other queries in the call (one query "
                 "per call is far less accurate); expected a model trained with model.norm=support. Pass "
                 "transductive=True to accept batch-dependent answers for this call, or retrain with model.norm=support")
         with _COMPUTE, torch.no_grad(), fp32_precision(lrn.cfg.scaling.precision):
-            if transductive and self.algorithm.norm == NORM_TRANSDUCTIVE:
+            if transductive and self.algorithm.transductive:
                 return self.algorithm.predict(self.params, self.state, x)
             # one call per query, all of one shape: BLAS kernels round differently for different matrix sizes
             return torch.cat([self.algorithm.predict(self.params, self.state, x[i:i + 1]) for i in range(len(x))])

@@ -73,6 +73,16 @@ def test_a_regression_query_gets_the_same_bits_alone_and_in_any_order():
     assert torch.equal(adapted.predict(qx.flip(0)).flip(0), whole)
 
 
+def test_a_model_without_batch_norm_is_never_refused_as_transductive():
+    """An MLP has nothing to normalise: old sinusoid checkpoints (loaded as transductive) answer as before."""
+    cfg = from_dict({"data": {"source": "sinusoid"}, "model": {"name": "mlp", "norm": "transductive"},
+                     "algorithm": {"name": "maml"}})
+    shape = TaskShape("regression", (1,), 1)
+    learner = FewShotLearner(cfg, initial_meta_params(cfg, build_learner(cfg, shape=shape)), shape)
+    x = torch.linspace(-1, 1, 5).view(5, 1)
+    assert learner.adapt(x, torch.sin(x)).predict(x).shape == (5, 1)
+
+
 def test_a_transductive_model_is_refused_unless_the_call_opts_in():
     learner = _learner("protonet", norm="transductive")
     sx, sy, qx = _task()

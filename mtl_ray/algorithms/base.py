@@ -165,9 +165,11 @@ class FunctionalAlgorithm:
             raise ValueError(f"norm: got {norm!r}, expected one of {', '.join(NORMS)}")
         self.model = model
         self.norm = norm
-        # Only models with batch norm need the support set in front of their queries (the MLP has none).
-        self.support_normalised = norm == NORM_SUPPORT and any(
-            isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
+        # Only models with batch norm need the support set in front of their queries (the MLP has none), and only
+        # theirs are batch-dependent under "transductive".
+        normalises = any(isinstance(m, nn.modules.batchnorm._NormBase) for m in model.modules())
+        self.support_normalised = norm == NORM_SUPPORT and normalises
+        self.transductive = norm != NORM_SUPPORT and normalises  # a query's output depends on the others
         self.kind: TaskKind = kind
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
