@@ -1,45 +1,19 @@
-"""Meta-training job for ``ray job submit`` (thin: parse -> build -> run -> close).
+"""Meta-training job for ``ray job submit``: ``mtl-ray train`` with the same arguments.
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- \\
-        python jobs/meta_train.py --config jobs/configs/omniglot_maml.yaml scaling.num_workers=4 \\
-        tracking.run_dir=/shared/runs
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python jobs/meta_train.py jobs/configs/omniglot_maml.yaml scaling.num_workers=4 --run-dir /shared/runs/maml
 
-Inside a job ``ray.init()`` joins the cluster the job runs on (``RAY_ADDRESS`` is set by Ray). The
-job's working directory is a throw-away copy, so give ``tracking.run_dir`` (or ``--run-dir``) an
-absolute path on shared storage, or ``tracking.checkpoint_uri`` a ``pyarrow.fs`` URI. The whole
-config is validated before anything starts; a bad one exits 2 with every problem listed.
+The job's working directory is a throw-away copy: give ``--run-dir`` an absolute path on shared storage (or
+``tracking.checkpoint_uri`` a ``pyarrow.fs`` URI), and ``data.root`` the data's path on the cluster. README
+("Run on a Ray cluster") shows how to start the head so the job runs in the project's environment.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 from pathlib import Path
 
-# Run the package submitted with --working-dir (this file's repository), not whatever else is installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the package submitted with --working-dir
 
-from mtl_ray.cli import EXIT_CONFIG, OVERWRITE_HELP, run_dir_for, train, validate
-from mtl_ray.config import UserError
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="mtl-ray meta-training job")
-    p.add_argument("--config", required=True, help="YAML config, e.g. jobs/configs/omniglot_maml.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. scaling.num_workers=4")
-    p.add_argument("--run-dir", help="run directory (default: tracking.run_dir/<name>-<time>)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --run-dir")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    args = p.parse_args(argv)
-    try:
-        cfg = validate(args.config, args.overrides)  # every config/data problem, before Ray starts
-        # build -> run -> close
-        train(cfg, run_dir_for(cfg, args.run_dir), resume=args.resume, overwrite=args.overwrite)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    return 0
-
+from mtl_ray.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(command="train", prog="python jobs/meta_train.py"))

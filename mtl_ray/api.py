@@ -30,11 +30,11 @@ import numpy as np
 import torch
 
 from mtl_ray.algorithms import FunctionalAlgorithm, Learner, Params, TaskShape, build_learner, linear_probe, uses_head
+from mtl_ray.checkpoint import PRETRAIN_STAGE, load_checkpoint
 from mtl_ray.config import Config, UserError
 from mtl_ray.data.base import to_float_images
 from mtl_ray.data.fetch import DataError
 from mtl_ray.data.imagetable import IMAGE_SUFFIXES, decode_image
-from mtl_ray.distributed.checkpoint import PRETRAIN_STAGE, load_checkpoint
 from mtl_ray.runtime import fp32_precision
 
 __all__ = ["AdaptedLearner", "FewShotLearner"]

@@ -11,6 +11,7 @@ META_VAL_LOSS = "meta_val/loss"
 META_VAL_ACC = "meta_val/acc"
 META_TEST_LOSS = "meta_test/loss"
 META_TEST_ACC = "meta_test/acc"
+LAKE_ERROR_PCT = "lake/error_pct"  # percent of Lake's 20-way one-shot queries misclassified (mtl-ray eval --lake)
 PRETRAIN_LOSS = "pretrain/loss"  # mean over the report window and across data-parallel workers
 PRETRAIN_ACC = "pretrain/acc"
 PRETRAIN_VAL_LOSS = "pretrain/val_loss"  # held-out examples of the pretraining classes

@@ -54,8 +54,8 @@ from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 import mtl_ray
 from mtl_ray.algorithms import TaskShape
 from mtl_ray.api import FewShotLearner
+from mtl_ray.checkpoint import latest_checkpoint, load_checkpoint
 from mtl_ray.config import NORM_TRANSDUCTIVE, UserError
-from mtl_ray.distributed.checkpoint import latest_checkpoint, load_checkpoint
 from mtl_ray.memory import fmt_bytes
 
 __all__ = ["INPUT_KEYS", "FewShotModel", "ServingInputError", "default_pip_requirements", "fewshot_signature",

@@ -84,7 +84,7 @@ def pretrained_stub() -> Callable[[Config, Path], str]:
     """``make(cfg, dir)`` -> a pretraining checkpoint in ``dir`` whose shapes fit ``cfg``'s model (fresh weights,
     nothing trained): what configs with ``model.init`` need to validate."""
     from mtl_ray.algorithms import TaskShape
-    from mtl_ray.distributed.checkpoint import Checkpoint, save_checkpoint
+    from mtl_ray.checkpoint import Checkpoint, save_checkpoint
     from mtl_ray.models import build_model, initial_params
 
     def make(cfg: Config, where: Path) -> str:

@@ -4,8 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from mtl_ray.cli import validate
-from mtl_ray.config import ConfigError, from_dict, load_config
+from mtl_ray.config import Config, ConfigError, from_dict, load_config
+from mtl_ray.recipes.train import check_config
+
+
+
+def validate(path: str | None, overrides: list[str]) -> Config:
+    """What ``mtl-ray train`` checks before it starts: the static checks, then data and ``model.init``."""
+    return check_config(load_config(path, overrides))
+
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml")
                  if not p.name.startswith("sweep_"))  # sweeps: tests/tune/test_spec.py

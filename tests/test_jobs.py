@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mtl_ray.distributed.checkpoint import latest_checkpoint, load_checkpoint
+from mtl_ray.checkpoint import latest_checkpoint, load_checkpoint
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -91,7 +91,7 @@ def _status(head: dict, job_id: str) -> str:
 
 def test_job_trains_on_workers_and_writes_checkpoint_and_metrics(ray_head, tmp_path):
     run_dir = tmp_path / "run"
-    out = _submit(ray_head, "mtl-ok", "--config", "jobs/configs/sinusoid_maml.yaml", "optim.steps=20",
+    out = _submit(ray_head, "mtl-ok", "jobs/configs/sinusoid_maml.yaml", "optim.steps=20",
                   "optim.val_every=10", "tracking.checkpoint_every=10", "tracking.log_every=5",
                   "scaling.num_workers=2", "scaling.torch_threads=1", "--run-dir", str(run_dir))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -103,7 +103,7 @@ def test_job_trains_on_workers_and_writes_checkpoint_and_metrics(ray_head, tmp_p
 
 
 def test_job_with_bad_config_fails_with_the_error_in_its_logs(ray_head, tmp_path):
-    out = _submit(ray_head, "mtl-bad", "--config", "jobs/configs/sinusoid_maml.yaml", "optim.outer_lr=-1",
+    out = _submit(ray_head, "mtl-bad", "jobs/configs/sinusoid_maml.yaml", "optim.outer_lr=-1",
                   "scaling.num_workers=2", "--run-dir", str(tmp_path / "run"))
     assert out.returncode != 0
     assert _status(ray_head, "mtl-bad") == "FAILED", out.stdout[-3000:] + out.stderr[-3000:]
@@ -117,7 +117,7 @@ def test_job_with_bad_config_fails_with_the_error_in_its_logs(ray_head, tmp_path
 def test_pretrain_job_runs_ray_train_on_the_cluster(ray_head, omniglot_root, tmp_path):
     """jobs/pretrain.py: a TorchTrainer with 2 workers inside a submitted job; its run dir feeds model.init."""
     run_dir = tmp_path / "pretrain"
-    out = _submit(ray_head, "mtl-pretrain", "--config", "jobs/configs/omniglot_pretrain.yaml",
+    out = _submit(ray_head, "mtl-pretrain", "jobs/configs/omniglot_pretrain.yaml",
                   f"data.root={omniglot_root}", "data.rotations=false", "model.channels=16", "pretrain.steps=20",
                   "pretrain.batch_size=32", "pretrain.val_every=20", "tracking.log_every=10",
                   "tracking.checkpoint_every=20", "tracking.progress=false", "--run-dir", str(run_dir),
@@ -127,7 +127,7 @@ def test_pretrain_job_runs_ray_train_on_the_cluster(ray_head, omniglot_root, tmp
     assert "2 Ray Train worker(s)" in out.stdout and "pretrained to step 20" in out.stdout
     ck = load_checkpoint(latest_checkpoint(run_dir))
     assert (ck.stage, ck.step) == ("pretrain", 20)
-    bad = _submit(ray_head, "mtl-pretrain-bad", "--config", "jobs/configs/omniglot_pretrain.yaml",
+    bad = _submit(ray_head, "mtl-pretrain-bad", "jobs/configs/omniglot_pretrain.yaml",
                   f"data.root={omniglot_root}", "pretrain.holdout=20", "--run-dir", str(tmp_path / "bad"),
                   script="jobs/pretrain.py")
     assert bad.returncode != 0 and _status(ray_head, "mtl-pretrain-bad") == "FAILED"

@@ -8,8 +8,10 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parents[1] / "mtl_ray"
 ORDER = ["config", "data", "models", "algorithms", "distributed", "tracking", "tune", "top"]
 LAYER = {"config": 0, "metrics": 0, "runtime": 0, "atomic": 0, "data": 1, "models": 2, "algorithms": 3,
-         "distributed": 4, "tracking": 5, "tune": 5, "cli": 6, "api": 6, "serving": 6}
+         "distributed": 4, "tracking": 5, "api": 5, "serving": 5, "recipes": 6, "tune": 7, "cli": 8}
 LAYER["memory"] = 4  # mtl_ray.memory: the memory estimate, from the config, the data sizes and the chunking
+LAYER["checkpoint"] = 4  # mtl_ray.checkpoint: the checkpoint format, read by the driver, the API and the recipes
+LAYER["config_keys"] = 0  # mtl_ray.config_keys: the keys, types and docs of mtl_ray.config (`mtl-ray config show`)
 ALGORITHM_NAMES = ("maml", "metasgd", "reptile", "anil", "protonet", "relationnet", "mtl")
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -21,10 +20,7 @@ import torch
 from PIL import Image
 
 from mtl_ray.api import FewShotLearner
-from mtl_ray.cli import EXIT_CONFIG, main
-from mtl_ray.config import Config, UserError, from_dict
-from mtl_ray.data import omniglot
-from mtl_ray.distributed.checkpoint import (
+from mtl_ray.checkpoint import (
     META_STAGE,
     PRETRAIN_STAGE,
     RESUME_MAY_CHANGE,
@@ -34,8 +30,11 @@ from mtl_ray.distributed.checkpoint import (
     load_checkpoint,
     resume_differences,
 )
+from mtl_ray.cli import EXIT_CONFIG, main
+from mtl_ray.config import Config, UserError, from_dict
+from mtl_ray.data import omniglot
+from mtl_ray.recipes.train import train as run_training
 from mtl_ray.tracking.local import read_metrics
-from mtl_ray.tracking.run import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 SIN = ["data.source=sinusoid", "model.name=mlp", "model.hidden_sizes=[16,16]", "data.shots=5", "data.queries=5",
@@ -248,25 +247,24 @@ def cli_help(command: str) -> str:
     return sub.format_help()
 
 
-def _job(name: str):
-    spec = importlib.util.spec_from_file_location(f"_job_{name}", REPO / "jobs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _job(name: str, *argv: str) -> subprocess.CompletedProcess:
+    """``python jobs/<name>.py ARGV`` as ``ray job submit`` runs it (a fresh process, from the repository)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([sys.executable, f"jobs/{name}.py", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=300)
 
 
-def test_meta_train_job_refuses_a_used_run_dir_and_takes_overwrite(run6, capsys):
-    job = _job("meta_train")
+def test_meta_train_job_refuses_a_used_run_dir_and_takes_overwrite(run6):
     cfg_file = run6.parent / "sin.yaml"
     cfg_file.write_text(json.dumps({}))
     before = snapshot(run6)
-    assert job.main(["--config", str(cfg_file), *SIN, "--run-dir", str(run6)]) == EXIT_CONFIG
-    assert "holds an earlier run" in capsys.readouterr().err and snapshot(run6) == before
-    assert job.main(["--config", str(cfg_file), *SIN, "optim.steps=3", "--run-dir", str(run6), "--overwrite"]) == 0
+    proc = _job("meta_train", str(cfg_file), *SIN, "--run-dir", str(run6))
+    assert proc.returncode == EXIT_CONFIG and "holds an earlier run" in proc.stderr and snapshot(run6) == before
+    proc = _job("meta_train", str(cfg_file), *SIN, "optim.steps=3", "--run-dir", str(run6), "--overwrite")
+    assert proc.returncode == 0, proc.stderr
     assert latest_checkpoint(run6).endswith("step_00000003.pt")
-    with pytest.raises(SystemExit) as e:  # the pretrain job takes the flag too
-        _job("pretrain").main(["--help"])
-    assert e.value.code == 0 and "--overwrite" in capsys.readouterr().out
+    proc = _job("pretrain", "--help")  # the pretrain job takes the flag too
+    assert proc.returncode == 0 and "--overwrite" in proc.stdout and "python jobs/pretrain.py" in proc.stdout
 
 
 # --------------------------------------------------------------------------- damaged checkpoints

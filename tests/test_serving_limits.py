@@ -24,7 +24,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from mtl_ray.distributed.checkpoint import latest_checkpoint
+from mtl_ray.checkpoint import latest_checkpoint
 from mtl_ray.serving import (
     DEFAULT_MAX_REQUEST_BYTES,
     MAX_REQUEST_BYTES_ENV,

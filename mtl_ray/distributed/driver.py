@@ -18,20 +18,20 @@ import torch
 
 from mtl_ray import metrics as M
 from mtl_ray.algorithms import Params, ShardResult, TaskShape, build_learner, initial_meta_params
-from mtl_ray.config import Config
-from mtl_ray.distributed.checkpoint import (
+from mtl_ray.checkpoint import (
     META_STAGE,
     Checkpoint,
     check_fits,
     check_resume,
     checkpoint_location,
+    init_body,
     resume_point,
     save_checkpoint,
     set_aside,
 )
+from mtl_ray.config import Config
 from mtl_ray.distributed.evaluate import evaluate_tasks
 from mtl_ray.distributed.executor import Executor, build_executor, shard
-from mtl_ray.distributed.transfer import init_body
 
 
 class Callback(Protocol):
@@ -48,6 +48,8 @@ class Summary:
     worker_faults: int
     final_val: dict[str, float]
     checkpoint: str | None
+    step: int = 0  # the step the run ended at (``steps`` counts this call's only)
+    budget_reached: bool = False  # stopped by optim.max_minutes before optim.steps
 
     def lines(self) -> list[str]:
         val = ", ".join(f"{k}={v:.4f}" for k, v in self.final_val.items()) or "none"
@@ -176,9 +178,11 @@ class MetaTrainer:
         o, t = self.cfg.optim, self.cfg.tracking
         start_step, start_tasks, t0 = self.step, self.tasks_seen, time.perf_counter()
         deadline = t0 + 60 * o.max_minutes if o.max_minutes > 0 else math.inf
+        budget_reached = False
         while self.step < until:
             out = self.train_step()
-            last = self.step == until or time.perf_counter() >= deadline
+            budget_reached = self.step < until and time.perf_counter() >= deadline
+            last = self.step == until or budget_reached
             if o.val_every and (self.step % o.val_every == 0 or last):
                 out.update(self.validate())
             if last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):  # always keep the final one
@@ -191,7 +195,7 @@ class MetaTrainer:
         tasks = self.tasks_seen - start_tasks
         return Summary(steps=self.step - start_step, tasks=tasks, seconds=secs, tasks_per_s=tasks / max(secs, 1e-9),
                        skipped_steps=self.skipped_steps, worker_faults=self.executor.faults, final_val=self.last_val,
-                       checkpoint=self.last_checkpoint)
+                       checkpoint=self.last_checkpoint, step=self.step, budget_reached=budget_reached)
 
     def close(self) -> None:
         self.executor.close()

@@ -37,10 +37,7 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 
 from mtl_ray import metrics as M
 from mtl_ray.algorithms import TaskShape
-from mtl_ray.config import Config, UserError, from_dict
-from mtl_ray.data import load_pools
-from mtl_ray.data.supervised import LabelledImages, batch_indices, supervised_split
-from mtl_ray.distributed.checkpoint import (
+from mtl_ray.checkpoint import (
     PRETRAIN_STAGE,
     Checkpoint,
     checkpoint_location,
@@ -48,6 +45,9 @@ from mtl_ray.distributed.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from mtl_ray.config import Config, UserError, from_dict
+from mtl_ray.data import load_pools
+from mtl_ray.data.supervised import LabelledImages, batch_indices, supervised_split
 from mtl_ray.distributed.driver import Callback
 from mtl_ray.models import build_model, initial_params
 from mtl_ray.runtime import fp32_precision, tune_allocator

@@ -53,31 +53,58 @@ def _fmt(metrics: dict[str, float]) -> str:
                      for k in keys if k in metrics)
 
 
+def _clock(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 class Progress:
-    """A tqdm bar on a terminal; otherwise (e.g. ``ray job`` logs) one line every ``every`` steps."""
+    """A tqdm bar on a terminal; otherwise (e.g. ``ray job`` logs) one line every ``every`` steps.
+
+    The time left is the smaller of the steps still to run at this run's pace and what is left of the
+    ``max_minutes`` budget (0: none), since the run stops at whichever comes first.
+    """
+
+    _FORMAT = "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"  # tqdm's own ETA ignores the budget
 
     def __init__(self, total: int, initial: int = 0, every: int = 10, enabled: bool = True,
-                 stream: TextIO | None = None):
+                 stream: TextIO | None = None, max_minutes: float = 0.0):
         self.stream = stream or sys.stderr
         self.every = every
         self.total = total
+        self.initial = initial
         self.enabled = enabled
+        self.budget_s = 60.0 * max_minutes if max_minutes > 0 else float("inf")
         self.t0 = time.perf_counter()
         self.bar = None
         if enabled and self.stream.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, file=self.stream, dynamic_ncols=True, unit="step")
+            self.bar = tqdm(total=total, initial=initial, file=self.stream, dynamic_ncols=True, unit="step",
+                            bar_format=self._FORMAT)
+
+    def eta_s(self, step: int) -> float:
+        """Seconds left at ``step``: steps to go at the pace so far, or the budget left, whichever is less."""
+        elapsed = time.perf_counter() - self.t0
+        done = step - self.initial
+        by_steps = (self.total - step) * elapsed / done if done > 0 else float("inf")
+        return max(0.0, min(by_steps, self.budget_s - elapsed))
+
+    def _left(self, step: int) -> str:
+        eta = self.eta_s(step)
+        return "" if eta == float("inf") else f"<{_clock(eta)}"
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix_str(_fmt(metrics), refresh=False)
+            self.bar.set_postfix_str(f"{self._left(step)}, {_fmt(metrics)}".lstrip(", "), refresh=False)
         elif (step % self.every == 0 or step == self.total
               or any(k.startswith(("meta_val/", "pretrain/val_")) for k in metrics)):
-            print(f"step {step}/{self.total}  {_fmt(metrics)}", file=self.stream, flush=True)
+            left = self._left(step)
+            print(f"step {step}/{self.total}{f'  left {left[1:]}' if left else ''}  {_fmt(metrics)}",
+                  file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

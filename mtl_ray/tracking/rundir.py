@@ -3,7 +3,7 @@
 :func:`prepare_run` only reads. It refuses a used run directory (``config.yaml``, ``metrics.jsonl``,
 ``mlflow_run_id``, checkpoints) unless the run resumes it or ``overwrite`` replaces it; on resume it
 picks the newest intact checkpoint and checks that the config may continue it
-(:data:`mtl_ray.distributed.checkpoint.RESUME_MAY_CHANGE`); it checks that the checkpoint location
+(:data:`mtl_ray.checkpoint.RESUME_MAY_CHANGE`); it checks that the checkpoint location
 (``tracking.checkpoint_uri`` too) can be written and that the Ray address to join answers. Any
 problem is a :class:`~mtl_ray.config.UserError` (exit 2) and nothing has been written.
 :func:`begin_run` then clears the old run (``overwrite``), sets unreadable checkpoints aside and
@@ -21,8 +21,7 @@ from typing import TextIO
 import yaml
 
 from mtl_ray.atomic import WriteError, atomic_write_text, check_writable
-from mtl_ray.config import Config, ConfigError, UserError
-from mtl_ray.distributed.checkpoint import (
+from mtl_ray.checkpoint import (
     META_STAGE,
     PRETRAIN_STAGE,
     ResumePoint,
@@ -35,6 +34,7 @@ from mtl_ray.distributed.checkpoint import (
     resume_point,
     set_aside,
 )
+from mtl_ray.config import Config, ConfigError, UserError
 from mtl_ray.tracking.local import METRICS_FILE
 
 CONFIG_FILE = "config.yaml"

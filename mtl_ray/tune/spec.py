@@ -206,8 +206,8 @@ def check_sweep(spec: SweepSpec) -> list[str]:
     """The problems a trial would find when it starts (data-dependent checks, the memory estimate) for the base
     config and for every value a domain can produce, each varied alone, and for every numeric key at its largest
     value together (memory). :func:`load_sweep` made the static checks; this one reads the data."""
+    from mtl_ray.checkpoint import check_init
     from mtl_ray.data import check_data, splits_used
-    from mtl_ray.distributed.transfer import check_init
     from mtl_ray.memory import memory_problems
 
     data_checked: dict[Any, list[str]] = {}

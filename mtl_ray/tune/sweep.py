@@ -23,13 +23,13 @@ from typing import Any
 
 import yaml
 
+from mtl_ray.checkpoint import latest_checkpoint
 from mtl_ray.config import Config
-from mtl_ray.distributed.checkpoint import latest_checkpoint
 from mtl_ray.distributed.driver import MetaTrainer
 from mtl_ray.distributed.ray_executor import connect
+from mtl_ray.recipes.train import train as run_training
 from mtl_ray.tracking.local import atomic_write_text
 from mtl_ray.tracking.mlflow_run import RUN_ID_FILE, ensure_experiment, git_commit, tracking_uri, version_tags
-from mtl_ray.tracking.run import run_training
 from mtl_ray.tune.spec import SweepSpec, to_tune_space, trial_config
 
 BEST_CONFIG = "best_config.yaml"
@@ -299,3 +299,25 @@ def _finish_parent(client: Any, parent_id: str | None, spec: SweepSpec, result: 
         client.set_terminated(parent_id, status="FINISHED")
     except Exception as e:
         print(f"warning: could not finish the sweep's MLflow run ({e.__class__.__name__}: {e})", file=sys.stderr)
+
+
+def sweep(sweep_path: str, overrides: Sequence[str] = (), sweep_dir: str | None = None, *, resume: bool = False,
+          out: Any = None) -> SweepResult:
+    """``mtl-ray tune`` / ``jobs/tune.py``: check the sweep (base config, every value of its space, the data)
+    before Ray starts, then run it into ``sweep_dir`` (default ``<base tracking.run_dir>/<sweep>-<time>``)."""
+    import time
+
+    from mtl_ray.config import ConfigError
+    from mtl_ray.tune.spec import check_sweep, load_sweep
+
+    spec = load_sweep(sweep_path, list(overrides))
+    problems = check_sweep(spec)
+    if problems:
+        raise ConfigError(problems)
+    if resume and not sweep_dir:
+        raise ConfigError(["--resume: got no sweep to resume; expected --sweep-dir DIR of an earlier sweep"])
+    if resume and sweep_dir and (problem := resume_problem(Path(sweep_dir))):
+        raise ConfigError([problem])
+    path = (Path(sweep_dir) if sweep_dir else
+            Path(spec.base.tracking.run_dir) / f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}").absolute()
+    return run_sweep(spec, path, resume=resume, out=sys.stdout if out is None else out)

@@ -16,14 +16,14 @@ import torch
 from test_cli import cli
 
 from mtl_ray import metrics as M
-from mtl_ray.cli import check_config
+from mtl_ray.checkpoint import latest_checkpoint, load_checkpoint
+from mtl_ray.recipes.train import check_config
 from mtl_ray.config import ConfigError, from_dict
-from mtl_ray.distributed.checkpoint import latest_checkpoint, load_checkpoint
 from mtl_ray.distributed.driver import MetaTrainer
 from mtl_ray.distributed.executor import LocalExecutor
+from mtl_ray.recipes.pretrain import pretrain as run_pretraining
 from mtl_ray.tracking.local import read_metrics
 from mtl_ray.tracking.mlflow_run import tracking_uri
-from mtl_ray.tracking.run import run_pretraining
 
 pytestmark = pytest.mark.slow
 

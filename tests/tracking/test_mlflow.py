@@ -11,9 +11,9 @@ from mlflow.tracking import MlflowClient
 
 from mtl_ray import metrics as M
 from mtl_ray.config import from_dict
+from mtl_ray.recipes.train import train as run_training
 from mtl_ray.tracking.local import read_metrics
 from mtl_ray.tracking.mlflow_run import data_tags, tracking_uri
-from mtl_ray.tracking.run import run_training
 
 STEPS = 12
 

@@ -19,8 +19,8 @@ from mlflow.tracking import MlflowClient
 
 from mtl_ray import metrics as M
 from mtl_ray.config import load_config
+from mtl_ray.recipes.train import train as run_training
 from mtl_ray.tracking.local import read_metrics
-from mtl_ray.tracking.run import run_training
 from mtl_ray.tune.spec import load_sweep
 from mtl_ray.tune.sweep import BEST_CONFIG, TRIALS_CSV, run_sweep
 

@@ -1,0 +1,115 @@
+"""The meta-training recipe: check -> place workers -> records -> fit -> final records -> model.
+
+The shared body of ``mtl-ray train``, ``jobs/meta_train.py`` and every Ray Tune trial. Its records:
+``config.yaml`` and ``metrics.jsonl`` in the run directory, a progress display, an MLflow run (a
+child of the sweep's parent run for a trial) holding the trained learner as a pyfunc model, then the
+final summary. docs/runs.md describes the run directory; docs/architecture.md the layers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from mtl_ray.checkpoint import META_STAGE, check_init
+from mtl_ray.config import Config, ConfigError
+from mtl_ray.distributed.driver import Callback, MetaTrainer, Summary
+from mtl_ray.tracking.local import JsonlMetrics, Progress
+from mtl_ray.tracking.mlflow_run import MlflowRun
+from mtl_ray.tracking.rundir import begin_run, prepare_run
+
+
+def check_config(cfg: Config) -> Config:
+    """The checks that need the data and ``model.init``; raise one ConfigError with every problem."""
+    from mtl_ray.data import check_data
+    from mtl_ray.memory import memory_problems
+
+    memory = memory_problems(cfg)  # first: the data checks load the data at these sizes, which may not fit either
+    problems = (memory or check_data(cfg)) + check_init(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def log_model(tracker: MlflowRun, summary: Summary) -> None:
+    """Log the final checkpoint into the run as an MLflow pyfunc few-shot model (skipped without one)."""
+    if not summary.checkpoint or "://" in summary.checkpoint or tracker.run_id is None:
+        return
+    from mtl_ray.serving import log_fewshot_model
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps job logs readable
+    # MLflow's advice about a pickled python_model does not apply: the model is our own code, shipped with it.
+    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
+
+    def log() -> None:
+        import mlflow
+
+        mlflow.set_tracking_uri(tracker.uri)
+        with mlflow.start_run(run_id=tracker.run_id):
+            log_fewshot_model(summary.checkpoint)
+
+    tracker.guard(log)
+
+
+def train(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
+          callbacks: Sequence[Callback] = (), parent_run_id: str | None = None,
+          trainer_hook: Callable[[MetaTrainer], Sequence[Callback]] | None = None, model: bool = True,
+          resume_command: str | None = None, out: TextIO | None = None) -> Summary:
+    """Meta-train ``cfg`` into ``run_dir`` (resuming from its latest checkpoint when ``resume``).
+
+    A ``run_dir`` that holds an earlier run is refused unless ``resume`` continues it or ``overwrite``
+    replaces it (:mod:`mtl_ray.tracking.rundir`); every check runs before anything is written.
+    ``callbacks`` (and those ``trainer_hook`` builds from the trainer, e.g. Tune's reporter) get every step's
+    metrics after the local records are written. ``model`` logs the trained learner into the MLflow run.
+    ``resume_command`` is what the closing lines tell a run that stopped at ``optim.max_minutes`` to run next.
+    """
+    import torch
+
+    out = sys.stdout if out is None else out  # looked up per call: the stdout of the moment (captured, redirected)
+    plan = prepare_run(cfg, run_dir, resume=resume, overwrite=overwrite, stage=META_STAGE)
+    if cfg.scaling.torch_threads:
+        torch.set_num_threads(cfg.scaling.torch_threads)
+    # The workers are placed (and a resume point read) before the first write: a placement failure leaves the run
+    # directory as it was, so the same command can simply be run again.
+    trainer = MetaTrainer.create(cfg, run_dir, resume=resume)
+    try:
+        begin_run(cfg, plan, out)
+    except BaseException:
+        trainer.close()
+        raise
+    log = JsonlMetrics(run_dir, resume_step=trainer.step)
+    progress = Progress(cfg.optim.steps, trainer.step, every=cfg.tracking.log_every, enabled=cfg.tracking.progress,
+                        max_minutes=cfg.optim.max_minutes)
+    tracker = MlflowRun(cfg, run_dir, resume=resume, parent_run_id=parent_run_id) if cfg.tracking.mlflow else None
+    trainer.callbacks += [log, progress, *([tracker] if tracker else []), *callbacks,
+                          *(trainer_hook(trainer) if trainer_hook else [])]
+    print(f"run dir: {run_dir}  (start at step {trainer.step}/{cfg.optim.steps}, "
+          f"{cfg.algorithm.name} on {cfg.data.source}, {cfg.scaling.num_workers} worker(s))", file=out, flush=True)
+    if tracker is not None and tracker.run_id:
+        print(f"mlflow: run {tracker.run_id} in experiment {cfg.tracking.experiment!r} at {tracker.uri}",
+              file=out, flush=True)
+    status = "FAILED"
+    try:
+        summary = trainer.fit()
+        status = "FINISHED"
+    finally:
+        progress.close()
+        log.close()
+        trainer.close()
+        if tracker is not None and status == "FAILED":
+            tracker.finish(status=status)
+    if tracker is not None:
+        if model:
+            log_model(tracker, summary)
+        tracker.finish(status=status, checkpoint=summary.checkpoint)
+    for line in summary.lines():
+        print(line, file=out, flush=True)
+    if summary.budget_reached:
+        then = f"; continue with: {resume_command}" if resume_command else " (continue it with --resume)"
+        print(f"budget reached at step {summary.step}/{cfg.optim.steps} (optim.max_minutes={cfg.optim.max_minutes:g})"
+              f"{then}", file=out, flush=True)
+    return summary
