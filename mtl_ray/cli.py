@@ -8,6 +8,8 @@ problem listed, never a traceback. ``key=value`` arguments override config field
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +20,7 @@ from mtl_ray import __version__
 from mtl_ray.config import Config, ConfigError, UserError, load_config
 
 EXIT_CONFIG = 2
+OVERRIDES_ENV = "MTL_RAY_OVERRIDES"  # key=value overrides after the command line's (README, "Benchmarks")
 OVERWRITE_HELP = ("a --run-dir holding an earlier run is refused; this deletes that run's checkpoints, metrics.jsonl, "
                   "config.yaml and MLflow run id first (docs/runs.md)")
 
@@ -99,12 +102,26 @@ def _split_overrides(config: str | None, overrides: Sequence[str]) -> tuple[str 
     return (items[0] if items else None), items[1:]
 
 
+def env_overrides(*, sweep: bool = False) -> list[str]:
+    """``$MTL_RAY_OVERRIDES`` as key=value overrides (``sweep.*`` keys only for a sweep): they follow the command
+    line's, so e.g. ``MTL_RAY_OVERRIDES="optim.steps=3 pretrain.steps=3"`` smoke-runs any documented command."""
+    try:
+        items = shlex.split(os.environ.get(OVERRIDES_ENV, ""))
+    except ValueError as e:
+        raise ConfigError([f"${OVERRIDES_ENV}: got {os.environ[OVERRIDES_ENV]!r}, which does not split into words "
+                           f"({e}); expected key=value items separated by spaces"]) from None
+    bad = [x for x in items if "=" not in x]
+    if bad:
+        raise ConfigError([f"${OVERRIDES_ENV}: got {x!r}, expected key=value (e.g. optim.steps=3)" for x in bad])
+    return [x for x in items if sweep or not x.startswith("sweep.")]
+
+
 def _run(args: argparse.Namespace, prog: str) -> int:
     """``train`` / ``pretrain``: load, resolve the data root, check everything, then run the recipe."""
     from mtl_ray.recipes.common import recorded_config, resume_command, run_dir_for, with_data_root
 
     path, overrides = _split_overrides(args.config, args.overrides)
-    cfg = load_config(path, overrides)
+    cfg = load_config(path, [*overrides, *env_overrides()])
     if args.resume and not args.run_dir and not cfg.tracking.run_name:
         raise ConfigError(["--resume: got no run to resume; expected --run-dir DIR (or tracking.run_name=NAME)"])
     run_dir = run_dir_for(cfg, args.run_dir)
@@ -124,7 +141,7 @@ def _run(args: argparse.Namespace, prog: str) -> int:
 def _tune(args: argparse.Namespace, prog: str) -> int:
     from mtl_ray.tune.sweep import sweep
 
-    sweep(args.sweep, args.overrides, args.sweep_dir, resume=args.resume)
+    sweep(args.sweep, [*args.overrides, *env_overrides(sweep=True)], args.sweep_dir, resume=args.resume)
     return 0
 
 

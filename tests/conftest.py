@@ -17,6 +17,12 @@ SMALL_ZIPS = ("images_background_small1.zip", "images_background_small2.zip")
 LAKE_ZIP = "lake_oneshot_runs_01-10.zip"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The README's commands run first: they start a Ray head on the default ports and end with `ray stop`, which
+    stops every Ray on the machine, so nothing else in the session may have Ray up yet (order kept otherwise)."""
+    items.sort(key=lambda item: "test_readme_section_runs_as_typed" not in item.nodeid)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """``/work/shared/data`` (read-only): the Omniglot minimal splits and Lake's runs."""
@@ -68,7 +74,7 @@ def ray_cluster():
     import ray
     from ray.cluster_utils import Cluster
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only; see shared/notes on token auth
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # loopback only; docs/architecture.md, "Ray's token auth"
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 4, "include_dashboard": False, "object_store_memory": 256 * 2**20})
     ray.init(address=cluster.address, log_to_driver=False)

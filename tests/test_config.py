@@ -19,8 +19,8 @@ CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "jobs" / "con
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_validates(path, shared_data, tmp_path, pretrained_stub):
-    overrides = [f"data.root={shared_data}"]
+def test_every_shipped_config_validates(path, omniglot_root, tmp_path, pretrained_stub):
+    overrides = [f"data.root={omniglot_root}"]  # a writable root: the check decodes (and caches) the archives
     init = load_config(path, overrides).model.init
     if init:  # meta-transfer configs name a pretraining run that does not exist yet: say how to make it
         with pytest.raises(ConfigError, match=r"model.init: .*no such checkpoint.*mtl-ray pretrain"):
@@ -75,9 +75,9 @@ def test_unknown_keys_and_types_are_named_with_a_suggestion():
     assert "override 'noequals': expected key=value" in text
 
 
-def test_data_dependent_problems_join_static_ones_before_anything_starts(shared_data):
+def test_data_dependent_problems_join_static_ones_before_anything_starts(omniglot_root):
     with pytest.raises(ConfigError) as e:
-        validate(None, [f"data.root={shared_data}", "data.ways=30", "data.shots=10", "data.queries=15"])
+        validate(None, [f"data.root={omniglot_root}", "data.ways=30", "data.shots=10", "data.queries=15"])
     text = str(e.value)
     assert "data.ways: got 30, expected <=" in text
     assert "data.shots + data.queries: got 25 (10 + 15), expected <= 20" in text

@@ -1,11 +1,14 @@
-"""Every command and code block in README.md is checked here (or run by CI), so the README cannot drift.
+"""Every command and code block in README.md is checked here, so the README cannot drift.
 
-Each ```bash command is parsed by the tool that would run it: ``mtl-ray`` by the real CLI parser,
-``python jobs/*.py`` by the job script's own argparse parser (rebuilt from its source, not run), ``ray``
-and ``mlflow`` by their click command trees, ``make`` against the Makefile's targets. Config paths must
-exist in the repository and every ``key=value`` must be a valid override of that config (static checks,
-then the data checks on the shared data). ```python blocks must compile, their ``mtl_ray`` imports
-resolve and the methods they call exist with those arguments. The cheap commands also run end to end.
+``test_readme_section_runs_as_typed`` runs every ```bash line exactly as written, in order, in one shell
+session (exports and ``source`` carry over), in a fresh copy of the repository with ``../shared/data``
+beside it, with ``$MTL_RAY_OVERRIDES`` set to a few steps per run (the README says so). Servers
+(``mlflow ui``, ``mlflow models serve``) are started, asked a question over HTTP and stopped. A block after
+``<!-- readme-test: not run: WHY -->`` is not run (the cloud: Docker, AWS); ``make test`` is what runs
+this file. Every command is also parsed by the tool that would run it (``mtl-ray`` and the job scripts by
+the real CLI parser, ``ray`` and ``mlflow`` by their click trees, ``make`` against the Makefile), with its
+configs and overrides checked, so the commands not run here are checked too. ```python blocks must
+compile, their ``mtl_ray`` imports resolve and the methods they call exist with those arguments.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ MTL_RAY = ".venv/bin/mtl-ray"
 MLFLOW = ".venv/bin/mlflow"
 VENV_PROGRAMS = {"mlflow": MLFLOW}  # the prose writes `mlflow ...` for the venv's mlflow
 PROGRAMS = ("make", MTL_RAY, MLFLOW, "ray", "docker")
+SHELL = ("source", "export", "unzip")  # shell set-up lines: only run (test_readme_section_runs_as_typed)
+ASSIGNMENT = re.compile(r"^[A-Z_][A-Z0-9_]*=")  # `VAR=value cmd ...`: the command is cmd
 
 
 # --------------------------------------------------------------------------- reading the README
@@ -56,7 +61,7 @@ def split_commands(line: str) -> list[list[str]]:
     for tok in shlex.split(line, comments=True):
         if tok in SEPARATORS:
             out.append([])
-        else:
+        elif out[-1] or not ASSIGNMENT.match(tok):  # leading VAR=value tokens set the environment only
             out[-1].append(tok)
     return [c for c in out if c]
 
@@ -93,7 +98,7 @@ def commands(*prefix: str, extra: list[list[str]] = ()) -> list[Any]:
 
 def test_readme_commands_were_found_and_every_one_is_checked_here():
     assert PYTHON_BLOCKS, "no ```python blocks found in README.md"
-    unchecked = [_id(c) for c in COMMANDS if c[0] not in PROGRAMS]
+    unchecked = [_id(c) for c in COMMANDS if c[0] not in (*PROGRAMS, *SHELL)]
     assert not unchecked, f"README commands no test here checks (add a check to tests/test_readme.py): {unchecked}"
     for prefix in (["make", "train"], ["make", "test"], [MTL_RAY, "train"], [MTL_RAY, "eval"], [MTL_RAY, "tune"],
                    ["ray", "job", "submit"]):
@@ -140,13 +145,13 @@ def test_make_command_names_a_makefile_target(cmd):
     assert goals, cmd
     for goal in goals:
         assert goal in targets, f"README runs `make {goal}`; the Makefile has no such target ({sorted(targets)})"
-    if "ARGS" in assigns:  # `make train ARGS="optim.steps=200"`: the recipe passes them on and they are valid
+    if assigns.get("ARGS", "...") != "...":  # `make train ARGS="optim.steps=200"`: passed on, and valid
         for goal in goals:
             recipe = targets[goal]
             assert "$(ARGS)" in recipe, f"make {goal} ignores ARGS:\n{recipe}"
             m = re.search(r"mtl-ray train (\S+\.ya?ml)", recipe)
             assert m, recipe
-            load_config(REPO / m.group(1), shlex.split(assigns["ARGS"]))
+            check_mtl_ray(["train", m.group(1), *shlex.split(assigns["ARGS"])])  # overrides and options
     if "test" in goals and ".ci/run" in README:  # "CI runs exactly this (bash .ci/run)"
         assert re.search(r"^make test\b", (REPO / ".ci" / "run").read_text(), re.M)
 
@@ -185,8 +190,7 @@ def mtl_ray_args(argv: list[str]) -> argparse.Namespace:
         assert hasattr(args, "overrides"), f"mtl-ray {args.command} takes no key=value overrides: {extra}"
         args.overrides = [*args.overrides, *extra]
     if args.command in ("train", "pretrain"):
-        args.config, args.overrides = cli._split_overrides([*([args.config] if args.config else []),
-                                                            *args.overrides])
+        args.config, args.overrides = cli._split_overrides(args.config, args.overrides)
     return args
 
 
@@ -201,6 +205,8 @@ def run_dirs_of_readme_trainings() -> dict[str, str]:
 
 
 def check_mtl_ray(argv: list[str]) -> Checked:
+    if argv == ["--version"]:
+        return Checked()
     args = mtl_ray_args(argv)
     out = Checked()
     if args.command in ("train", "pretrain"):
@@ -220,6 +226,10 @@ def check_mtl_ray(argv: list[str]) -> Checked:
     elif args.command == "validate":
         for path in args.configs:
             repo_file(path, "config")
+    elif args.command == "config":
+        assert args.config_command == "show", args
+        if args.config:
+            out.configs.append((load_config(repo_file(args.config, "config"), args.overrides), None))
     elif args.command == "data":
         assert args.data_command == "convert" and args.image_size > 0, args  # src/out are the user's paths
     else:  # a new subcommand in the README needs a check here
@@ -227,53 +237,16 @@ def check_mtl_ray(argv: list[str]) -> Checked:
     return out
 
 
-def job_parser(script: Path) -> argparse.ArgumentParser:
-    """The argparse parser a job script's ``main()`` builds, rebuilt from its source without running main.
-
-    The script is imported (it must import cleanly); the ``ArgumentParser(...)`` and ``add_argument`` statements
-    of its ``main`` are compiled into a function that returns the parser.
-    """
-    spec = importlib.util.spec_from_file_location(f"_readme_job_{script.stem}", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    assert callable(getattr(module, "main", None)), f"{script} has no main()"
-    tree = ast.parse(script.read_text())
-    (main,) = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
-    body, name = [], None
-    for stmt in main.body:
-        call = stmt.value if isinstance(stmt, ast.Assign | ast.Expr) else None
-        if not isinstance(call, ast.Call):
-            continue
-        callee = ast.unparse(call.func)
-        if isinstance(stmt, ast.Assign) and callee.endswith("ArgumentParser"):
-            name = stmt.targets[0].id
-            body.append(stmt)
-        elif name and callee.startswith(f"{name}.") and callee.split(".")[-1] in (
-                "add_argument", "add_argument_group", "add_mutually_exclusive_group", "set_defaults"):
-            body.append(stmt)
-    assert name, f"{script}: main() builds no argparse.ArgumentParser"
-    fn = ast.FunctionDef(name="_parser", args=ast.arguments(posonlyargs=[], args=[], kwonlyargs=[], kw_defaults=[],
-                                                             defaults=[]),
-                         body=[*body, ast.Return(ast.Name(name, ast.Load()))], decorator_list=[], type_params=[])
-    code = compile(ast.fix_missing_locations(ast.Module([fn], type_ignores=[])), str(script), "exec")
-    scope = dict(vars(module))
-    exec(code, scope)
-    return scope["_parser"]()
+JOB_COMMANDS = {"jobs/meta_train.py": "train", "jobs/pretrain.py": "pretrain", "jobs/tune.py": "tune"}
 
 
 def check_job(entrypoint: list[str]) -> Checked:
-    """``python jobs/X.py ...``: the script's own parser accepts the arguments; its config/sweep is valid."""
+    """``python jobs/X.py ARGS``: the job runs ``mtl-ray COMMAND ARGS`` (``cli.main(command=...)``); check that."""
     assert entrypoint[0] == "python" and len(entrypoint) > 1, f"no README check for job entrypoint {entrypoint}"
     script = repo_file(entrypoint[1], "job script")
-    parser = job_parser(script)
-    parser.prog = entrypoint[1]
-    args = parse_or_fail(parser, entrypoint[2:])
-    overrides = getattr(args, "overrides", [])
-    if getattr(args, "config", None):
-        return Checked([(load_config(repo_file(args.config, "config"), overrides), None)])
-    if getattr(args, "sweep", None):
-        return Checked([(load_sweep(repo_file(args.sweep, "sweep file"), overrides).base, None)])
-    pytest.fail(f"{entrypoint[1]}: got no --config or --sweep to check")
+    assert entrypoint[1] in JOB_COMMANDS, f"{entrypoint[1]}: not a job script of this repository"
+    assert f'command="{JOB_COMMANDS[entrypoint[1]]}"' in script.read_text(), f"{script} runs another command"
+    return check_mtl_ray([JOB_COMMANDS[entrypoint[1]], *entrypoint[2:]])
 
 
 # ray and mlflow: parsed by their own click command trees
@@ -352,9 +325,10 @@ def test_the_checks_fail_on_a_stale_readme():
         [MTL_RAY, "eval", "runs/x", "data.shotz=5"],
         [MTL_RAY, "tune", "jobs/configs/sweep_sinusoid_maml.yaml", "optim.stepz=5"],
         ["ray", "job", "submit", "--", "python", "jobs/meta_train.py", "--cfg", "jobs/configs/omniglot_maml.yaml"],
-        ["ray", "job", "submit", "--", "python", "jobs/meta_train.py", "--config", "jobs/configs/omniglot_maml.yaml",
+        ["ray", "job", "submit", "--", "python", "jobs/meta_train.py", "jobs/configs/omniglot_maml.yaml",
          "scaling.workers=4"],
-        ["ray", "job", "submit", "--", "python", "jobs/tune.py", "--sweep", "jobs/configs/sweep_missing.yaml"],
+        ["ray", "job", "submit", "--", "python", "jobs/tune.py", "jobs/configs/sweep_missing.yaml"],
+        ["ray", "job", "submit", "--", "python", "jobs/serve.py", "jobs/configs/omniglot_maml.yaml"],
         ["ray", "job", "submit", "--adress", "x", "--", "python", "jobs/meta_train.py"],
         ["ray", "up", "cluster_missing.yaml"],
     ]
@@ -510,24 +484,6 @@ SMALL = ["optim.steps=5", "optim.val_every=5", "optim.val_tasks=8", "tracking.ch
 
 
 @pytest.mark.slow
-def test_readme_sinusoid_train_then_eval_run(tmp_path):
-    """The README's sinusoid ``mtl-ray train`` (5 steps, in-process, into tmp) and ``mtl-ray eval`` of that run."""
-    train = _first((MTL_RAY, "train"), lambda a: a.config and load_config(REPO / a.config).data.source == "sinusoid")
-    run = tmp_path / "sin"
-    argv = _with_option([*train, *SMALL, f"tracking.run_dir={tmp_path}"], "--run-dir", str(run))
-    out = run_cli(argv).stdout
-    assert "final meta-validation" in out, out
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3, 4, 5]
-    assert list((run / "checkpoints").glob("step_*.pt"))
-
-    ev = _first((MTL_RAY, "eval"), lambda a: not a.overrides and a.lake is None)
-    ev = _with_option([ev[0], str(run), *ev[2:]], "--episodes", "16")
-    out = run_cli(ev).stdout
-    assert "meta_test/loss" in out and "95% CI" in out, out
-
-
-@pytest.mark.slow
 def test_mtl_ray_validate_accepts_every_shipped_config(omniglot_root, tmp_path, pretrained_stub):
     """``mtl-ray validate CONFIG...`` (README, Train locally) on every config and sweep in jobs/configs.
 
@@ -540,3 +496,175 @@ def test_mtl_ray_validate_accepts_every_shipped_config(omniglot_root, tmp_path, 
     pretrained_stub(pretrain_cfg, tmp_path / t.run_dir / t.run_name / "checkpoints")  # where pretraining puts it
     out = run_cli(["validate", *configs], data_root=omniglot_root, cwd=tmp_path).stdout
     assert out.split() == [w for c in configs for w in ("ok:", c)], out
+
+
+# --------------------------------------------------------------------------- the README, run as typed
+
+NOT_RUN = re.compile(r"<!-- readme-test: not run: ([^>]*?) -->\s*\Z")
+# A few steps per run, a few tasks per validation, two trials per sweep: what the README says the test sets.
+SMOKE = ("optim.steps=2 optim.val_every=1 optim.val_tasks=4 optim.meta_batch_size=4 tracking.checkpoint_every=1 "
+         "tracking.log_every=1 pretrain.steps=2 pretrain.val_every=1 pretrain.batch_size=16 sweep.num_samples=2")
+SERVERS = {("ui",): "/", ("models", "serve"): "/ping", ("server",): "/"}  # mlflow subcommand -> a path that answers
+SKIP = {("make", "test"): "it is the command that runs this test (CI: bash .ci/run)"}
+
+
+@dataclass(frozen=True)
+class Section:
+    """A README section's ```bash lines (continuations joined), in order; ``not_run``: why they are not run."""
+
+    title: str
+    lines: tuple[str, ...]
+    not_run: str = ""
+
+
+def readme_sections(text: str) -> list[Section]:
+    out: list[Section] = []
+    for m in re.finditer(r"^```bash[^\n]*\n(.*?)^```", text, re.M | re.S):
+        before = text[:m.start()]
+        titles = re.findall(r"^#+ (.+)$", before, re.M)
+        why = NOT_RUN.search(before)
+        lines = tuple(x for x in re.sub(r"\\\n", " ", m.group(1)).splitlines() if x.strip())
+        out.append(Section(titles[-1] if titles else "top", lines, why.group(1) if why else ""))
+    return out
+
+
+def test_readme_sections_see_markers_and_continuations():
+    text = ("# A\n```bash\nmake x \\\n  y=1\n```\n<!-- readme-test: not run: needs AWS -->\n```bash\nray up c.yaml\n"
+            "```\n")
+    want = [Section("A", ("make x    y=1",)), Section("A", ("ray up c.yaml",), "needs AWS")]
+    assert readme_sections(text) == want
+
+
+def _program(line: str) -> list[str]:
+    (cmd, *_) = split_commands(line) or [[]]
+    return cmd
+
+
+def _serves(cmd: list[str]) -> str | None:
+    if cmd and cmd[0] == MLFLOW:
+        for sub, path in SERVERS.items():
+            if tuple(cmd[1:1 + len(sub)]) == sub:
+                return path
+    return None
+
+
+@pytest.fixture(scope="module")
+def readme_shell(tmp_path_factory, omniglot_root, shared_data):
+    """A fresh copy of the repository (tracked and new files, timestamps kept so make sees the venv installed),
+    its ``.venv`` linked in, a private ``../shared/data`` (links to the shared files plus the session's decoded
+    Omniglot cache: the commands write caches where they read), and the shell state file the lines share."""
+    import shutil
+
+    base = tmp_path_factory.mktemp("readme")
+    repo = base / "mtl-ray"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.splitlines()
+    for f in files:
+        if (REPO / f).is_file():
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, repo / f)
+    venv = REPO / ".venv" if (REPO / ".venv").is_dir() else Path(sys.executable).parents[1]
+    (repo / ".venv").symlink_to(venv)
+    data = base / "shared" / "data"
+    for entry in shared_data.iterdir():
+        if entry.name != "omniglot":
+            (data / entry.name).parent.mkdir(parents=True, exist_ok=True)
+            (data / entry.name).symlink_to(entry)
+    (data / "omniglot").mkdir(parents=True)
+    for entry in [*shared_data.joinpath("omniglot").iterdir(), *omniglot_root.joinpath("omniglot").iterdir()]:
+        if not (data / "omniglot" / entry.name).exists():
+            (data / "omniglot" / entry.name).symlink_to(entry.resolve() if entry.is_symlink() else entry)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MTL_RAY_DATA_DIR", "MLFLOW_TRACKING_URI",
+                                                            "VIRTUAL_ENV")}
+    home = base / "home"  # a fresh machine's: no ~/.ray token, no MLflow or pip state from earlier work
+    home.mkdir()
+    env.update({"MTL_RAY_OVERRIDES": SMOKE, "PYTHONUNBUFFERED": "1", "HOME": str(home)})
+    state = base / "state.sh"
+    state.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items()))
+    return repo, state
+
+
+def _run_line(repo: Path, state: Path, line: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``line`` in bash after the earlier lines' exports; its exports are kept for the next line."""
+    script = f'source "{state}"\n{line}\nstatus=$?\nexport -p > "{state}.new"\nexit $status\n'
+    proc = subprocess.run(["bash", "-c", script], cwd=repo, capture_output=True, text=True, timeout=timeout,
+                          env={"PATH": os.defpath, "HOME": os.environ.get("HOME", "/tmp")}, start_new_session=True)
+    if Path(f"{state}.new").is_file():
+        Path(f"{state}.new").replace(state)
+    return proc
+
+
+def _request(repo: Path) -> bytes:
+    """A 5-way 1-shot request of the README's shape: float32 [5, 1, 28, 28] support, labels, [3, 1, 28, 28] queries."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    sx, qx = rng.random((5, 1, 28, 28), dtype=np.float32), rng.random((3, 1, 28, 28), dtype=np.float32)
+    inputs = {"support_x": sx.tolist(), "support_y": list("abcde"), "query_x": qx.tolist()}
+    return json.dumps({"inputs": inputs}).encode()
+
+
+def _serve(repo: Path, state: Path, line: str, probe: str) -> str:
+    """Start a server line, wait until ``probe`` answers, ask it one question (a model: a few predictions), stop it."""
+    import signal
+    import time
+    import urllib.request
+
+    cmd = _program(line)
+    port = cmd[cmd.index("--port") + 1] if "--port" in cmd else "5000"
+    log = state.parent / f"server-{port}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(["bash", "-c", f'source "{state}"\nexec {line}'], cwd=repo, stdout=out,
+                                stderr=subprocess.STDOUT, env={"PATH": os.defpath}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}{probe}", timeout=5).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"README server `{line}` did not answer on port {port}:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        if cmd[1:3] != ["models", "serve"]:
+            return ""
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=_request(repo),
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        assert len(answer["predictions"]) == 3 and set(answer["predictions"]) <= set("abcde"), answer
+        return json.dumps(answer)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+SECTIONS = readme_sections(README)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("section", [pytest.param(s, id=f"{i}-{s.title[:40]}") for i, s in enumerate(SECTIONS)])
+def test_readme_section_runs_as_typed(section: Section, readme_shell):
+    """Each line exits 0 with no traceback; the sections run in README order and share one shell session."""
+    repo, state = readme_shell
+    if section.not_run:
+        for line in section.lines:  # not run here, but parsed and checked like every command
+            for cmd in split_commands(line):
+                if cmd[0] in ("ray",):
+                    check_ray(cmd[1:])
+        pytest.skip(f"README says: not run: {section.not_run}")
+    for line in section.lines:
+        cmd = _program(line)
+        if tuple(cmd[:2]) in SKIP:
+            continue
+        if (probe := _serves(cmd)) is not None:
+            _serve(repo, state, line, probe)
+            continue
+        proc = _run_line(repo, state, line)
+        text = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"README line `{line}`: exit {proc.returncode}\n{text[-4000:]}"
+        assert "Traceback (most recent call last)" not in text, f"README line `{line}` printed a traceback:\n{text}"
+    assert not (repo / "mlflow.db").exists(), "a README command created ./mlflow.db (a stray MLflow store)"
+    assert not (repo / "mlruns").exists(), "a README command created ./mlruns (a stray MLflow store)"

@@ -14,8 +14,8 @@ def evaluate_tasks(executor: Executor, params: Params, split: str, num_tasks: in
                    step: int = 0, max_shard_tasks: int = 0) -> dict[str, torch.Tensor]:
     """Per-task metrics ``{name: [num_tasks]}`` on the fixed tasks ``(split, step, 0..num_tasks-1)``.
 
-    Shards hold at most ``max_shard_tasks`` tasks (0: no limit): 600 MAML episodes with 15 queries per
-    class adapted at once need over 24 GB, while a training meta-batch's worth is known to fit.
+    Shards hold at most ``max_shard_tasks`` tasks (0: no limit): a whole evaluation adapted at once can need
+    far more memory than a training meta-batch, whose size is known to fit (docs/benchmarks.md, "Memory estimate").
     Tasks are pure functions of their index, so the split does not change any result.
     """
     pieces = shard(range(num_tasks), executor.num_shards)

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mtl_ray import metrics as M
 from mtl_ray.config import Config, ConfigError, load_config, read_yaml, with_absolute_paths
 
@@ -74,12 +76,24 @@ _TOP = {"base", "overrides", "metric", "mode", "search", "num_samples", "max_con
         "scheduler", "space", "max_failures", "name"}
 
 
+def _yaml_value(text: str) -> Any:
+    """An override's value parsed as YAML (``2``, ``true``, ``[a, b]``), else the text itself."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def load_sweep(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> SweepSpec:
-    """Read and validate a sweep file; ``overrides`` (key=value) apply to the base config."""
+    """Read and validate a sweep file; ``overrides`` (key=value) apply to the base config, except ``sweep.KEY=value``,
+    which replaces a top-level key of the sweep file itself (e.g. ``sweep.num_samples=2``)."""
     p = Path(path)
     raw = read_yaml(p, "sweep file", "jobs/configs/sweep_omniglot_maml.yaml")
     if not isinstance(raw, Mapping):
         raise ConfigError([f"sweep file {str(p)!r}: got a {type(raw).__name__}, expected a mapping"])
+    own = [o for o in overrides if o.startswith("sweep.") and "=" in o]
+    overrides = [o for o in overrides if o not in own]
+    raw = {**raw, **{o.split("=", 1)[0].removeprefix("sweep."): _yaml_value(o.split("=", 1)[1]) for o in own}}
     problems = [f"sweep.{k}: unknown key; expected one of {sorted(_TOP)}" for k in raw if k not in _TOP]
 
     base_ref = raw.get("base")
