@@ -92,7 +92,7 @@ class AdaptedLearner:
             return out
         return [self.classes[i] for i in out.argmax(-1).tolist()]
 
-    def predict_images(self, paths: Sequence[str | Path], *, transductive: bool = False) -> list[Any]:
+    def predict_images(self, paths: Sequence[str | Path], *, transductive: bool = False) -> list[Any] | torch.Tensor:
         return self.predict(self.learner.load_images(paths), transductive=transductive)
 
 

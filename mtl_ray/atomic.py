@@ -18,6 +18,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from mtl_ray.config import UserError
 
@@ -38,7 +39,7 @@ class WriteError(UserError):
         self.fix = fix
         super().__init__(f"cannot write {self.path}: {reason}{f' ({code})' if code else ''}; {fix}")
 
-    def __reduce__(self):  # raised in Ray workers and actors: it must come back to the driver intact
+    def __reduce__(self) -> tuple[Any, ...]:  # raised in Ray workers and actors: it must come back to the driver intact
         return (type(self), (self.path, self.error, self.fix))
 
 

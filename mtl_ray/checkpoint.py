@@ -29,7 +29,7 @@ import json
 import re
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -98,7 +98,7 @@ class CheckpointError(UserError):
         super().__init__(message)
         self.reason = reason or message
 
-    def __reduce__(self):  # keeps ``reason`` across processes (Ray)
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps ``reason`` across processes (Ray)
         return (type(self), (str(self), self.reason))
 
 
@@ -301,7 +301,7 @@ def _parse(raw: Any, path: str) -> Checkpoint:
     if missing:
         raise _damaged(path, f"the checkpoint lacks {', '.join(missing)} (expected every one of {', '.join(_KEYS)})")
 
-    def field_of(key: str, parse):
+    def field_of(key: str, parse: Callable[[Any], Any]) -> Any:
         try:
             return parse(raw[key])
         except ConfigError as e:

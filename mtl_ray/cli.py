@@ -208,7 +208,9 @@ def main(argv: Sequence[str] | None = None, *, command: str | None = None, prog:
     prog = prog or program()
     parser = _parser("mtl-ray" if command is None else prog)
     if command is not None:  # the job script is the command: its usage line names the script alone
-        next(a for a in parser._actions if a.dest == "command").choices[command].prog = prog
+        choices = next(a for a in parser._actions if a.dest == "command").choices
+        assert isinstance(choices, dict)
+        choices[command].prog = prog
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args([command, *argv] if command else argv)
     args.job = command is not None

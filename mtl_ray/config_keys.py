@@ -69,7 +69,7 @@ def keys(cfg: C.Config | None = None) -> list[Key]:
     top_docs = _field_docs(C.Config)
     for f in dataclasses.fields(C.Config):
         section = top_hints[f.name]
-        if dataclasses.is_dataclass(section):
+        if isinstance(section, type) and dataclasses.is_dataclass(section):
             hints, docs = typing.get_type_hints(section), _field_docs(section)
             for sf in dataclasses.fields(section):
                 out.append(Key(f"{f.name}.{sf.name}", _plain(getattr(getattr(cfg, f.name), sf.name)),

@@ -63,7 +63,7 @@ def fp32_precision(precision: str) -> Iterator[None]:
     legacy ``allow_tf32`` flags.
     """
     mode = "tf32" if precision == "tf32" else "ieee"
-    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    backends = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)  # type: ignore[attr-defined]
     before = [b.fp32_precision for b in backends]
     for b in backends:
         b.fp32_precision = mode

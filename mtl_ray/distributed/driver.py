@@ -141,7 +141,7 @@ class MetaTrainer:
 
     def outer_step(self, grads: Params) -> float:
         """Apply the mean meta-gradient; skip (and count) the step when it is not finite."""
-        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values())))
+        norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
         if not math.isfinite(norm):
             self.skipped_steps += 1
             return norm

@@ -257,8 +257,9 @@ def run_pretrain(cfg: Config, run_dir: Path, *, resume: bool = False,
             run_config=RunConfig(name="ray_train", storage_path=str(Path(run_dir).absolute()),
                                  failure_config=FailureConfig(max_failures=p.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=2),
-                                 callbacks=[ReportSink(location, make_callbacks, start_step)],
-                                 logging_config=LoggingConfig(log_level="WARNING")),  # no line per report
+                                 callbacks=[ReportSink(location, make_callbacks, start_step)],  # type: ignore[list-item]
+                                 # no line per report; RunConfig's stub lacks the field, Ray 2.60 takes it
+                                 logging_config=LoggingConfig(log_level="WARNING")),  # type: ignore[call-arg]
         )
         try:
             result = trainer.fit()

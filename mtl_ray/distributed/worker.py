@@ -15,6 +15,7 @@ import torch
 
 from mtl_ray.algorithms import Params, ShardResult, build_learner
 from mtl_ray.config import Config, from_dict
+from mtl_ray.data.base import TaskBatch
 from mtl_ray.runtime import fp32_precision, tune_allocator
 
 
@@ -42,13 +43,18 @@ class ShardWorker:
                 stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
             yield
 
+    def _sample(self, split: str, step: int, indices: Sequence[int]) -> TaskBatch:
+        source = self.learner.source
+        assert source is not None, "a ShardWorker's learner is built with its task source"
+        return source.sample(split, step, indices).to(self.device)
+
     def _params(self, params: Params) -> Params:
         return {k: torch.as_tensor(v).to(self.device) for k, v in params.items()}
 
     def meta_gradient(self, params: Params, step: int, indices: Sequence[int]) -> ShardResult:
         """Sum of meta-gradients of training tasks ``indices`` at ``step`` (grads returned on CPU)."""
         t0 = time.perf_counter()
-        batch = self.learner.source.sample("train", step, indices).to(self.device)
+        batch = self._sample("train", step, indices)
         with self._numerics():
             result = self.learner.algorithm.meta_gradient(self._params(params), batch)
         grads = {k: v.detach().cpu() for k, v in result.grads.items()}
@@ -58,7 +64,7 @@ class ShardWorker:
     def evaluate(self, params: Params, split: str, step: int, indices: Sequence[int],
                  inner_steps: int) -> dict[str, torch.Tensor]:
         """Per-task metrics ``{name: [len(indices)]}`` after adaptation with ``inner_steps`` steps."""
-        batch = self.learner.source.sample(split, step, indices).to(self.device)
+        batch = self._sample(split, step, indices)
         with self._numerics():
             out = self.learner.algorithm.evaluate(self._params(params), batch, inner_steps)
         return {k: v.cpu() for k, v in out.items()}

@@ -37,7 +37,8 @@ def check_config(cfg: Config) -> Config:
 
 def log_model(tracker: MlflowRun, summary: Summary) -> None:
     """Log the final checkpoint into the run as an MLflow pyfunc few-shot model (skipped without one)."""
-    if not summary.checkpoint or "://" in summary.checkpoint or tracker.run_id is None:
+    checkpoint = summary.checkpoint
+    if not checkpoint or "://" in checkpoint or tracker.run_id is None:
         return
     from mtl_ray.serving import log_fewshot_model
 
@@ -50,7 +51,7 @@ def log_model(tracker: MlflowRun, summary: Summary) -> None:
 
         mlflow.set_tracking_uri(tracker.uri)
         with mlflow.start_run(run_id=tracker.run_id):
-            log_fewshot_model(summary.checkpoint)
+            log_fewshot_model(checkpoint)
 
     tracker.guard(log)
 
