@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from mtl_ray.tracking.local import atomic_write_text
+from mtl_ray.atomic import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 TRIALS = 200  # Lake's runs 01-10 x 20 query images
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {alg:10s} error {r['error_pct']:5.1f}% ± {r['ci95_pct']:.1f}%  steps {r['steps']:6d}  "
               f"train {r['train_s'] / 60:.1f} min")
     if args.out is not None:
-        atomic_write_text(args.out, json.dumps(results, indent=2))
+        atomic_write(args.out, json.dumps(results, indent=2))
         print(f"wrote {args.out}")
     return 0
 

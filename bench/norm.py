@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from lake import cli_and_env, run  # bench/lake.py: the CLI and its data root; run a command, tee its log
 
-from mtl_ray.tracking.local import atomic_write_text
+from mtl_ray.atomic import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "jobs" / "configs"
@@ -101,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {"episodes": args.episodes, "cpus": os.cpu_count(), "work": str(work),
                "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(results, indent=2))
-    atomic_write_text(args.doc, render(results))
+    atomic_write(args.out, json.dumps(results, indent=2))
+    atomic_write(args.doc, render(results))
     print(render(results))
     print(f"wrote {args.out} and {args.doc}")
     return 0

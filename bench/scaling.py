@@ -27,9 +27,9 @@ from typing import Any
 import ray
 
 from mtl_ray import metrics as M
+from mtl_ray.atomic import atomic_write
 from mtl_ray.config import load_config
 from mtl_ray.distributed.driver import MetaTrainer
-from mtl_ray.tracking.local import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = [("in-process, 2 threads", 0, 2, 2), ("1 worker x 2 threads", 1, 2, 2), ("2 workers x 1 thread", 2, 1, 1)]
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:24s} {r['tasks_per_s'] / base:5.2f}x  overhead {100 * r['overhead_median']:.1f}%  "
               f"weights {r['weights_bytes'] / 1e3:.0f} kB, {r['bytes_per_step'] / 1e3:.0f} kB moved per step")
     if args.out is not None:
-        atomic_write_text(args.out, json.dumps(res, indent=2))
+        atomic_write(args.out, json.dumps(res, indent=2))
         print(f"wrote {args.out}")
     return 0
 

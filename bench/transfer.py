@@ -29,7 +29,7 @@ from pathlib import Path
 
 from lake import cli_and_env, run  # bench/lake.py: the CLI and its data root; run a command, tee its log
 
-from mtl_ray.tracking.local import atomic_write_text
+from mtl_ray.atomic import atomic_write
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "jobs" / "configs"
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
             m["eval"][column] = {"acc_pct": mean, "ci95_pct": half, "command": " ".join(["mtl-ray", *cmd[3:]])}
             print(f"{name} | {column}: {mean:.2f}% ± {half:.2f}%", flush=True)
     results = {"episodes": args.episodes, "cpus": os.cpu_count(), "methods": methods}
-    atomic_write_text(args.out, json.dumps(results, indent=2))
-    atomic_write_text(args.doc, render(results, args))
+    atomic_write(args.out, json.dumps(results, indent=2))
+    atomic_write(args.doc, render(results, args))
     print(render(results, args))
     print(f"wrote {args.out} and {args.doc}")
     return 0

@@ -97,10 +97,6 @@ def atomic_write(path: str | Path, content: Content, *, fix: str = "") -> Path:
     return path
 
 
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    return atomic_write(path, text)
-
-
 def check_writable(directory: str | Path, fix: str = "") -> None:
     """Raise :class:`WriteError` unless a file can be written in ``directory`` (created when missing).
 

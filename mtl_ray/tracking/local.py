@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from mtl_ray import metrics as M
-from mtl_ray.atomic import WriteError, atomic_write_text
+from mtl_ray.atomic import WriteError, atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -31,7 +31,7 @@ class JsonlMetrics:
     def __init__(self, run_dir: str | Path, resume_step: int = 0):
         self.path = Path(run_dir) / METRICS_FILE
         kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._f: TextIO = self.path.open("a")
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from mtl_ray.atomic import atomic_write
 from mtl_ray.config import Config
-from mtl_ray.tracking.local import METRICS_FILE, atomic_write_text, read_metrics
+from mtl_ray.tracking.local import METRICS_FILE, read_metrics
 
 RUN_ID_FILE = "mlflow_run_id"
 PARENT_TAG = "mlflow.parentRunId"
@@ -185,7 +185,7 @@ class MlflowRun:
         run = self.client.create_run(exp_id, run_name=self.run_dir.name,
                                      tags={k: str(v) for k, v in all_tags.items()})
         self.run_id = run.info.run_id
-        atomic_write_text(id_file, self.run_id)
+        atomic_write(id_file, self.run_id)
         params = [Param(k, v) for k, v in flatten(self.cfg.to_dict()).items()]
         for i in range(0, len(params), 100):
             self.client.log_batch(self.run_id, params=params[i:i + 100])

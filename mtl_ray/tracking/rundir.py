@@ -20,7 +20,7 @@ from typing import TextIO
 
 import yaml
 
-from mtl_ray.atomic import WriteError, atomic_write_text, check_writable
+from mtl_ray.atomic import WriteError, atomic_write, check_writable
 from mtl_ray.checkpoint import (
     META_STAGE,
     PRETRAIN_STAGE,
@@ -140,4 +140,4 @@ def begin_run(cfg: Config, plan: RunPlan, out: TextIO | None = None) -> None:
         if plan.stage == PRETRAIN_STAGE:  # else Ray Train restores its own newest checkpoint, not the one chosen here
             for name in RUN_DIRS:
                 shutil.rmtree(plan.run_dir / name, ignore_errors=True)
-    atomic_write_text(plan.run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write(plan.run_dir / CONFIG_FILE, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -23,12 +23,12 @@ from typing import Any
 
 import yaml
 
+from mtl_ray.atomic import atomic_write
 from mtl_ray.checkpoint import latest_checkpoint
 from mtl_ray.config import Config
 from mtl_ray.distributed.driver import MetaTrainer
 from mtl_ray.distributed.ray_executor import connect
 from mtl_ray.recipes.train import train as run_training
-from mtl_ray.tracking.local import atomic_write_text
 from mtl_ray.tracking.mlflow_run import RUN_ID_FILE, ensure_experiment, git_commit, tracking_uri, version_tags
 from mtl_ray.tune.spec import SweepSpec, to_tune_space, trial_config
 
@@ -144,7 +144,7 @@ def _parent_run(spec: SweepSpec, sweep_dir: Path, resume: bool) -> tuple[Any, st
             return client, run_id
         tags = {"sweep": spec.name, "sweep.source": spec.source, "git.commit": git_commit(), **version_tags()}
         run = client.create_run(exp_id, run_name=sweep_dir.name, tags=tags)
-        atomic_write_text(id_file, run.info.run_id)
+        atomic_write(id_file, run.info.run_id)
         from mlflow.entities import Param
 
         params = [Param(f"space.{k}", f"{d.kind}{list(d.values)}") for k, d in spec.space.items()]
@@ -245,11 +245,11 @@ def summarize(spec: SweepSpec, grid: Any, sweep_dir: Path) -> SweepResult:
     text = (f"# best of sweep {spec.name} ({spec.metric} {spec.mode} = {best_row.best:.4f}, trial "
             f"{best_row.trial_id}); train it with: mtl-ray train {BEST_CONFIG}\n"
             + yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
-    best_path = atomic_write_text(sweep_dir / BEST_CONFIG, text)
+    best_path = atomic_write(sweep_dir / BEST_CONFIG, text)
     best_ckpt = latest_checkpoint(best_row.run_dir)
     result = SweepResult(rows=rows, best_config_path=best_path, best_checkpoint=best_ckpt,
                          best_trial=best_row.trial_id, best_metric=float(best_row.best), sweep_dir=sweep_dir)
-    atomic_write_text(sweep_dir / TRIALS_CSV, trials_csv(spec, rows))
+    atomic_write(sweep_dir / TRIALS_CSV, trials_csv(spec, rows))
     return result
 
 
