@@ -37,6 +37,8 @@ cell holding a whole array. Bad input raises :class:`ServingInputError` (a :clas
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from collections.abc import Mapping, Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -59,7 +61,7 @@ from mtl_ray.config import NORM_TRANSDUCTIVE, UserError
 from mtl_ray.memory import fmt_bytes
 
 __all__ = ["INPUT_KEYS", "FewShotModel", "ServingInputError", "default_pip_requirements", "fewshot_signature",
-           "log_fewshot_model"]
+           "log_fewshot_model", "serve_command"]
 
 INPUT_KEYS = ("support_x", "support_y", "query_x")
 # Request parameter: accept a model.norm=transductive model's batch-dependent answers for this request (mtl_ray.api).
@@ -178,6 +180,11 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
     Output: numpy array ``[Q]`` of predicted support labels (regression: predicted values, float32).
     See the module docstring for the JSON form ``mlflow models serve`` takes.
     """
+
+    # MLflow's type-hint validation (and its "Add type hints to the `predict` method" warning, at every import
+    # of this module: after each training run and in every scoring server) is for models without a signature;
+    # this one has a tensor signature, and _unpack checks each request. MLflow's own models skip it the same way.
+    _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
         self.learner = FewShotLearner.from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT], device="cpu")
@@ -333,8 +340,10 @@ def _resolve_checkpoint(checkpoint_path: str | Path) -> str:
 
 
 def log_fewshot_model(checkpoint_path: str | Path, name: str = "model", input_example: Any = None, *,
-                      pip_requirements: Sequence[str] | None = None) -> ModelInfo:
-    """Log a checkpoint as a pyfunc :class:`FewShotModel` into the active MLflow run; return its ``ModelInfo``.
+                      pip_requirements: Sequence[str] | None = None, run_id: str | None = None, step: int = 0,
+                      registered_model_name: str | None = None) -> ModelInfo:
+    """Log a checkpoint as a pyfunc :class:`FewShotModel` into the active MLflow run (or run ``run_id``, in the
+    current tracking URI); return its ``ModelInfo``.
 
     ``checkpoint_path``: a ``.pt`` file from :func:`save_checkpoint` or a run directory (its newest checkpoint);
     it is stored as the model's ``checkpoint`` artifact, with a tensor signature built from the checkpoint's input
@@ -342,10 +351,18 @@ def log_fewshot_model(checkpoint_path: str | Path, name: str = "model", input_ex
     ``mlflow models serve`` need only ``pip_requirements`` (default: :func:`default_pip_requirements`).
     ``input_example``: optional dict ``{"support_x": float32 [S, *x_shape], "support_y": [S],
     "query_x": float32 [Q, *x_shape]}`` saved with the model (MLflow also checks that the model serves it).
+    ``step``: the training step the model is from; MLflow links the run's metrics at that step to the logged model.
+    ``registered_model_name``: also register it as a new version of that registered model
+    (``info.registered_model_version``; :func:`serve_command` serves it).
     """
-    if mlflow.active_run() is None:
-        raise UserError("log_fewshot_model: got no active MLflow run, expected one; call it inside "
-                        "`with mlflow.start_run():`")
+    active = mlflow.active_run()
+    if run_id is not None and (active is None or active.info.run_id != run_id):
+        with mlflow.start_run(run_id=run_id, nested=active is not None):
+            return log_fewshot_model(checkpoint_path, name, input_example, pip_requirements=pip_requirements,
+                                     step=step, registered_model_name=registered_model_name)
+    if active is None:
+        raise UserError("log_fewshot_model: got no active MLflow run and no run_id, expected one; call it inside "
+                        "`with mlflow.start_run():` or pass run_id")
     path = _resolve_checkpoint(checkpoint_path)
     ck = load_checkpoint(path)  # fails early, with a clear message, on a missing or foreign file
     if input_example is None:
@@ -362,4 +379,24 @@ def log_fewshot_model(checkpoint_path: str | Path, name: str = "model", input_ex
         input_example=input_example,
         code_paths=[str(Path(mtl_ray.__file__).resolve().parent)],
         pip_requirements=list(pip_requirements) if pip_requirements is not None else default_pip_requirements(),
+        registered_model_name=registered_model_name,
+        step=step,
     )
+
+
+def serve_command(name: str, version: int | str, tracking_uri: str, *, port: int = 5001) -> str:
+    """The shell command that serves version ``version`` of registered model ``name`` from the store at
+    ``tracking_uri`` on ``port`` with this Python environment (``--env-manager local``)::
+
+        MLFLOW_TRACKING_URI=sqlite:////abs/runs/mlflow.db PATH=/abs/.venv/bin:"$PATH" \\
+            /abs/.venv/bin/mlflow models serve -m models:/mtl-ray-x/1 --env-manager local -p 5001
+
+    ``MLFLOW_TRACKING_URI`` makes ``models:/`` resolve in that store (without it MLflow would look in, and
+    create, ``./mlflow.db``); the ``PATH`` entry lets the server find the ``uvicorn`` it starts by name, which
+    sits beside this environment's ``mlflow`` even when the environment is not activated.
+    """
+    bin_dir = Path(sys.executable).parent  # the venv's bin, not the interpreter's resolved location
+    mlflow_cli = bin_dir / "mlflow"
+    return (f"MLFLOW_TRACKING_URI={shlex.quote(tracking_uri)} PATH={shlex.quote(str(bin_dir))}:\"$PATH\" "
+            f"{shlex.quote(str(mlflow_cli))} models serve -m {shlex.quote(f'models:/{name}/{version}')} "
+            f"--env-manager local -p {int(port)}")
