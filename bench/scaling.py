@@ -28,7 +28,7 @@ import ray
 
 from mtl_ray import metrics as M
 from mtl_ray.atomic import atomic_write
-from mtl_ray.config import load_config
+from mtl_ray.components import load_config
 from mtl_ray.distributed.driver import MetaTrainer
 
 ROOT = Path(__file__).resolve().parents[1]

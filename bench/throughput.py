@@ -54,7 +54,8 @@ from torch.func import vjp, vmap
 
 from mtl_ray.algorithms import build_algorithm
 from mtl_ray.algorithms.base import compile_difference
-from mtl_ray.config import Config, from_dict
+from mtl_ray.components import from_dict
+from mtl_ray.config import Config
 from mtl_ray.data.base import TaskBatch
 from mtl_ray.data.sinusoid import SinusoidTaskSource
 from mtl_ray.models import build_model, initial_params

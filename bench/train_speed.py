@@ -20,7 +20,7 @@ import tempfile
 
 import torch
 
-from mtl_ray.config import load_config
+from mtl_ray.components import load_config
 from mtl_ray.distributed.driver import MetaTrainer
 
 

@@ -39,7 +39,8 @@ import torch
 
 from mtl_ray.algorithms import Params, TaskShape
 from mtl_ray.atomic import WriteError, atomic_write, check_writable
-from mtl_ray.config import NORM_TRANSDUCTIVE, Config, ConfigError, UserError, from_dict
+from mtl_ray.components import from_dict
+from mtl_ray.config import NORM_TRANSDUCTIVE, Config, ConfigError, UserError
 
 FORMAT_VERSION = 1
 META_STAGE = "meta"  # Checkpoint.stage: what wrote it

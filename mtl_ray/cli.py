@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from mtl_ray import __version__
-from mtl_ray.config import Config, ConfigError, UserError, load_config
+from mtl_ray.components import load_config
+from mtl_ray.config import Config, ConfigError, UserError
 
 EXIT_CONFIG = 2
 OVERRIDES_ENV = "MTL_RAY_OVERRIDES"  # key=value overrides after the command line's (README, "Benchmarks")

@@ -1,10 +1,12 @@
-"""Configuration: YAML -> validated, typed, frozen config objects.
+"""Configuration: YAML -> typed, frozen config objects, and the checks that need no component.
 
-One path for every entry point: ``load_config(path, overrides)`` reads a YAML file, applies
-``section.key=value`` overrides (values parsed as YAML scalars), type-checks every field, runs the
-static semantic checks and raises a single :class:`ConfigError` that lists *every* problem found.
-Checks that need the data (e.g. ``ways`` larger than the classes a split has) are added by
-:func:`mtl_ray.data.check_data` so the CLI can report both kinds together before anything starts.
+:func:`parse` reads a mapping, applies ``section.key=value`` overrides (values parsed as YAML scalars),
+type-checks every field and runs the component-independent static checks (:func:`check_static`), returning the
+config and *every* problem found, without raising. It knows no component names: which algorithms, models and task
+sources exist, and what each can do, is in their registries, above this layer. The one public path for every entry
+point is therefore :func:`mtl_ray.components.load_config` / :func:`mtl_ray.components.from_dict`: ``parse``, then
+the component checks, raising one :class:`ConfigError` with both kinds. Checks that need the data (e.g. ``ways``
+larger than the classes a split has) are added by :func:`mtl_ray.data.check_data`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,6 @@ import yaml
 
 DATA_DIR_ENV = "MTL_RAY_DATA_DIR"
 
-SOURCES = ("omniglot", "sinusoid", "parquet", "digits")
-MODELS = ("mlp", "conv4")
-ALGORITHMS = ("maml", "metasgd", "reptile", "anil", "protonet", "relationnet", "mtl")
 OPTIMIZERS = ("adam", "sgd")
 DOWNSAMPLE = ("pool", "stride")
 CONV_IMPLS = ("folded", "native", "im2col")
@@ -35,12 +34,6 @@ CONV_IMPLS = ("folded", "native", "im2col")
 NORM_SUPPORT = "support"  # the task's support set, fixed at adaptation: a query's answer depends on nothing else
 NORM_TRANSDUCTIVE = "transductive"  # each forward pass's own batch: a query's answer depends on the other queries
 NORMS = (NORM_SUPPORT, NORM_TRANSDUCTIVE)
-OMNIGLOT_ARCHIVES = (
-    "images_background",
-    "images_evaluation",
-    "images_background_small1",
-    "images_background_small2",
-)
 
 
 class UserError(ValueError):
@@ -191,8 +184,11 @@ class Config:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     def replace(self, **overrides: Any) -> Config:
-        """Apply ``{"section.key": value}`` overrides and re-validate."""
-        return from_dict(self.to_dict(), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+        """Apply ``{"section.key": value}`` overrides and re-check (the component checks too)."""
+        if _checked_from_dict is None:
+            raise RuntimeError("Config.replace re-checks through mtl_ray.components.from_dict, which is not imported "
+                               "yet; build configs with mtl_ray.components.from_dict or load_config")
+        return _checked_from_dict(self.to_dict(), [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
 
     @property
     def eval_inner_steps(self) -> int:
@@ -299,13 +295,17 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], problems: 
     return out
 
 
-def from_dict(raw: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> Config:
-    """Build a validated :class:`Config`; raises :class:`ConfigError` listing every problem."""
+def parse(raw: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> tuple[Config | None, list[str]]:
+    """``(config, problems)`` without raising: the config (None when a value has the wrong type, a key is unknown
+    or an override is malformed) and every problem, static semantic ones included (:func:`check_static`).
+
+    Not an entry point: :func:`mtl_ray.components.from_dict` adds the component checks and raises.
+    """
     problems: list[str] = []
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
-        raise ConfigError([f"config: got a {type(raw).__name__}, expected a mapping of sections"])
+        return None, [f"config: got a {type(raw).__name__}, expected a mapping of sections"]
     merged = apply_overrides(raw, overrides, problems)
     sections = _sections()
     top_hints = typing.get_type_hints(Config)
@@ -335,13 +335,22 @@ def from_dict(raw: Mapping[str, Any] | None, overrides: Sequence[str] = ()) -> C
         for section, name in float_fields():
             value = (kwargs.get(section) or {}).get(name) if section else kwargs.get(name)
             problems += [q for q in [_nonfinite_problem(section, name, value)] if q]
-        raise ConfigError(problems)
+        return None, problems
     built = {k: sections[k](**v) if k in sections else v for k, v in kwargs.items()}
     cfg = Config(**built)
-    problems = check_static(cfg)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
+    return cfg, check_static(cfg)
+
+
+# Config.replace re-checks through mtl_ray.components.from_dict (the component checks need the registries, above
+# this layer-0 module, which may not import them). mtl_ray.components sets it when imported; every public way to
+# build a Config lives there, so any Config made outside this module's parse finds it set.
+_checked_from_dict: Callable[[Mapping[str, Any] | None, Sequence[str]], Config] | None = None
+
+
+def set_checked_from_dict(fn: Callable[[Mapping[str, Any] | None, Sequence[str]], Config]) -> None:
+    """Called once by :mod:`mtl_ray.components` with its ``from_dict``."""
+    global _checked_from_dict
+    _checked_from_dict = fn
 
 
 def read_yaml(path: str | Path, what: str, example: str) -> Any:
@@ -379,15 +388,15 @@ def with_absolute_paths(cfg: Config) -> Config:
     return cfg.replace(**changes) if changes else cfg
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config file (or the defaults when ``path`` is None) and apply overrides."""
-    raw: Any = {}
-    if path is not None:
-        p = Path(path)
-        raw = read_yaml(p, "config file", "jobs/configs/omniglot_maml.yaml")
-        if isinstance(raw, Mapping) and "name" not in raw:
-            raw = {"name": p.stem, **raw}
-    return from_dict(raw, overrides)
+def read_config_file(path: str | Path | None) -> Any:
+    """A config file's content (``{}`` for None: the defaults), named after the file when it sets no ``name``."""
+    if path is None:
+        return {}
+    p = Path(path)
+    raw = read_yaml(p, "config file", "jobs/configs/omniglot_maml.yaml")
+    if isinstance(raw, Mapping) and "name" not in raw:
+        raw = {"name": p.stem, **raw}
+    return raw
 
 
 # --------------------------------------------------------------------------- semantic checks
@@ -403,10 +412,6 @@ def _positive(problems: list[str], where: str, value: float, *, allow_zero: bool
 def _choice(problems: list[str], where: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         problems.append(f"{where}: got {value!r}, expected one of: {', '.join(choices)}")
-
-
-def is_regression(cfg: Config) -> bool:
-    return cfg.data.source == "sinusoid"
 
 
 def _is_float_type(tp: Any) -> bool:
@@ -463,21 +468,18 @@ def _default(section: str | None, name: str) -> Any:
 
 
 def check_static(cfg: Config) -> list[str]:
-    """Checks that need no data. Data-dependent checks live in :func:`mtl_ray.data.check_data`."""
+    """Checks that need no data and no component: types' ranges and choices of this module's own.
+
+    Checks of names and capabilities of algorithms, models and task sources are
+    :func:`mtl_ray.components.component_problems`; data-dependent ones :func:`mtl_ray.data.check_data`.
+    """
     p, cfg = _nonfinite(cfg)
     d, m, a, o, s, t = cfg.data, cfg.model, cfg.algorithm, cfg.optim, cfg.scaling, cfg.tracking
     pt = cfg.pretrain
-    _choice(p, "data.source", d.source, SOURCES)
-    _choice(p, "model.name", m.name, MODELS)
-    _choice(p, "algorithm.name", a.name, ALGORITHMS)
     _choice(p, "optim.optimizer", o.optimizer, OPTIMIZERS)
     _choice(p, "model.downsample", m.downsample, DOWNSAMPLE)
     _choice(p, "model.conv_impl", m.conv_impl, CONV_IMPLS)
     _choice(p, "model.norm", m.norm, NORMS)
-    for name in d.archives:
-        _choice(p, "data.archives", name, OMNIGLOT_ARCHIVES)
-    if not is_regression(cfg) and d.ways < 2:
-        p.append(f"data.ways: got {d.ways}, expected >= 2 (a classification task needs two classes)")
     _positive(p, "data.shots", d.shots)
     _positive(p, "data.queries", d.queries)
     _positive(p, "data.image_size", d.image_size)
@@ -488,20 +490,10 @@ def check_static(cfg: Config) -> list[str]:
     if d.val_fraction + d.test_fraction >= 1.0:
         p.append(f"data.val_fraction + data.test_fraction: got {d.val_fraction + d.test_fraction}, "
                  "expected < 1 so some classes remain for training")
-    both = sorted(set(d.val_alphabets) & set(d.test_alphabets))
-    if d.source == "omniglot" and both:
-        p.append(f"data.val_alphabets and data.test_alphabets share {both}; an alphabet may be in one split only")
-    if d.source == "parquet" and not d.path:
-        p.append("data.path: empty, expected the Parquet file to read when data.source=parquet "
-                 "(make one with `mtl-ray data convert IMAGE_DIR OUT.parquet`)")
     _positive(p, "algorithm.inner_lr", a.inner_lr, allow_zero=True)
-    _positive(p, "algorithm.inner_steps", a.inner_steps, allow_zero=a.name in ("protonet", "relationnet"))
     if a.eval_inner_steps is not None:
         _positive(p, "algorithm.eval_inner_steps", a.eval_inner_steps, allow_zero=True)
     _positive(p, "algorithm.task_chunk_size", a.task_chunk_size, allow_zero=True)
-    if a.compile and a.name == "reptile":
-        p.append("algorithm.compile: got true with algorithm.name=reptile, expected false (Reptile's update is not a "
-                 "meta-gradient; nothing to compile)")
     _positive(p, "optim.outer_lr", o.outer_lr)
     _positive(p, "optim.meta_batch_size", o.meta_batch_size)
     _positive(p, "optim.steps", o.steps)
@@ -528,26 +520,9 @@ def check_static(cfg: Config) -> list[str]:
     _positive(p, "pretrain.max_minutes", pt.max_minutes, allow_zero=True)
     _positive(p, "pretrain.probe_steps", pt.probe_steps, allow_zero=True)
     _positive(p, "pretrain.probe_lr", pt.probe_lr, allow_zero=True)
-    if pt.batch_size % pt.num_workers:
+    if pt.num_workers > 0 and pt.batch_size % pt.num_workers:
         p.append(f"pretrain.batch_size: got {pt.batch_size}, expected a multiple of pretrain.num_workers="
                  f"{pt.num_workers} (each worker takes an equal share of the global batch)")
-    if a.name == "mtl" and not m.init:
-        p.append("algorithm.name: got 'mtl' with model.init empty; MTL meta-learns the scale and shift of a "
-                 "pretrained, frozen body: set model.init to a checkpoint or run dir of `mtl-ray pretrain`")
-    if m.init and a.name == "relationnet":
-        p.append("model.init: relationnet cannot start from a pretrained body (its embedding has a different "
-                 "layout); drop model.init or pick another algorithm")
     _positive(p, "tracking.checkpoint_every", t.checkpoint_every, allow_zero=True)
     _positive(p, "tracking.log_every", t.log_every)
-    if is_regression(cfg):
-        if a.name in ("protonet", "relationnet"):
-            p.append(f"algorithm.name: got {a.name!r} with data.source=sinusoid (regression); "
-                     "expected one of maml, metasgd, reptile, anil")
-        if m.name != "mlp":
-            p.append(f"model.name: got {m.name!r} with data.source=sinusoid, expected 'mlp'")
-    elif a.name == "relationnet" and m.name != "conv4":
-        p.append(f"model.name: got {m.name!r} with algorithm.name=relationnet, expected 'conv4'")
-    if m.name == "conv4" and m.downsample == "pool" and d.image_size < 2 ** m.blocks:
-        p.append(f"data.image_size: got {d.image_size}, expected >= {2 ** m.blocks} for {m.blocks} "
-                 "pooling blocks (lower model.blocks or raise the image size)")
     return p

@@ -38,7 +38,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mtl_ray.config import Config, is_regression
+from mtl_ray.config import Config
+from mtl_ray.data import is_regression
 
 MEMORY_CHECK_ENV = "MTL_RAY_MEMORY_CHECK"
 BASE_BYTES = 450 * 2**20  # a compute process: Python, torch, mtl_ray (0.27-0.36 GB) and its first call (0.1 GB)
@@ -125,7 +126,7 @@ def x_shape_of(cfg: Config) -> tuple[int, ...]:
 
 
 def _table(cfg: Config) -> Path | None:
-    from mtl_ray.data import _resolve_table_path
+    from mtl_ray.data.parquet import resolve_table_path as _resolve_table_path
 
     p = _resolve_table_path(cfg.data)
     return p if p.is_file() else None

@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from mtl_ray.config import Config, from_dict
+from mtl_ray.components import from_dict
+from mtl_ray.config import Config
 from mtl_ray.data import omniglot
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

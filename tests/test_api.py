@@ -11,7 +11,8 @@ from PIL import Image
 
 from mtl_ray.algorithms import ALGORITHMS, TaskShape, build_learner, initial_meta_params
 from mtl_ray.api import FewShotLearner, natural_key
-from mtl_ray.config import UserError, from_dict
+from mtl_ray.components import from_dict
+from mtl_ray.config import UserError
 from mtl_ray.data.base import TaskBatch
 from mtl_ray.serving import FewShotModel, ServingInputError
 

@@ -317,7 +317,8 @@ def test_the_snapshot_sees_a_write(tmp_path):
 
 def test_every_float_field_is_covered_by_the_finite_check():
     """The check is generated from the schema: every float field of every section refuses NaN (a new field too)."""
-    from mtl_ray.config import Config, ConfigError, float_fields, from_dict
+    from mtl_ray.components import from_dict
+    from mtl_ray.config import Config, ConfigError, float_fields
 
     fields = float_fields()
     assert len(fields) >= 13 and ("algorithm", "inner_lr") in fields and ("scaling", "step_timeout_s") in fields

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from mtl_ray.config import Config, ConfigError, from_dict, load_config
+from mtl_ray.components import from_dict, load_config
+from mtl_ray.config import Config, ConfigError
 from mtl_ray.recipes.train import check_config
-
 
 
 def validate(path: str | None, overrides: list[str]) -> Config:
@@ -86,3 +86,4 @@ def test_data_dependent_problems_join_static_ones_before_anything_starts(omniglo
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+

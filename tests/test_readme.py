@@ -32,7 +32,8 @@ from typing import Any
 import pytest
 
 from mtl_ray import cli
-from mtl_ray.config import Config, ConfigError, from_dict, load_config
+from mtl_ray.components import from_dict, load_config
+from mtl_ray.config import Config, ConfigError
 from mtl_ray.data import check_data
 from mtl_ray.data.lake import LAKE_ZIP
 from mtl_ray.tune.spec import load_sweep

@@ -25,7 +25,8 @@ import pytest
 import torch
 
 from mtl_ray import metrics as M
-from mtl_ray.config import Config, load_config
+from mtl_ray.components import load_config
+from mtl_ray.config import Config
 from mtl_ray.tracking.local import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]

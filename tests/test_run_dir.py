@@ -31,7 +31,8 @@ from mtl_ray.checkpoint import (
     resume_differences,
 )
 from mtl_ray.cli import EXIT_CONFIG, main
-from mtl_ray.config import Config, UserError, from_dict
+from mtl_ray.components import from_dict
+from mtl_ray.config import Config, UserError
 from mtl_ray.data import omniglot
 from mtl_ray.recipes.train import train as run_training
 from mtl_ray.tracking.local import read_metrics

@@ -20,7 +20,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
 
 from mtl_ray.api import FewShotLearner
-from mtl_ray.config import UserError, from_dict
+from mtl_ray.components import from_dict
+from mtl_ray.config import UserError
 from mtl_ray.data import build_task_source
 from mtl_ray.distributed.driver import MetaTrainer
 from mtl_ray.serving import FewShotModel, ServingInputError, log_fewshot_model

@@ -27,7 +27,7 @@ import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -157,10 +157,24 @@ class FunctionalAlgorithm:
     (Reptile overrides :meth:`meta_gradient`).
     """
 
-    name = "base"
+    name: ClassVar[str] = "base"  # its algorithm.name (the key in mtl_ray.algorithms.registry.ALGORITHMS)
+
+    # Capabilities: what the config checks (mtl_ray.components), the learner builder and the tests read.
+    uses_head: ClassVar[bool] = True  # its model needs a ``ways``-output head (metric learners have none)
+    has_inner_loop: ClassVar[bool] = True  # adapts with inner gradient steps (False: algorithm.inner_steps may be 0)
+    second_order: ClassVar[bool] = True  # can differentiate through its inner loop (False: always first-order)
+    supports_regression: ClassVar[bool] = True  # works on regression tasks (data sources of kind "regression")
+    accepts_init: ClassVar[bool] = True  # may start from a pretrained body (model.init)
+    needs_init: ClassVar[bool] = False  # must start from one: model.init may not be empty
+    compilable: ClassVar[bool] = True  # computes a meta-gradient that algorithm.compile can compile
+    # The model class it builds instead of the model.name one (from that one's settings), and the model.name
+    # values whose settings it reads; None / () when it uses the model.name model as it is.
+    model: ClassVar[type | None] = None
+    model_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, *, kind: TaskKind, inner_lr: float = 0.0, inner_steps: int = 0,
-                 first_order: bool = False, chunk_size: int = 0, compile: bool = False, norm: str = NORM_SUPPORT):
+                 first_order: bool = False, chunk_size: int = 0, compile: bool = False, norm: str = NORM_SUPPORT,
+                 ways: int = 0):
         if norm not in NORMS:
             raise ValueError(f"norm: got {norm!r}, expected one of {', '.join(NORMS)}")
         self.model = model
@@ -173,7 +187,8 @@ class FunctionalAlgorithm:
         self.kind: TaskKind = kind
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
-        self.first_order = bool(first_order)
+        self.first_order = bool(first_order) or not self.second_order
+        self.ways = int(ways)  # the classes of a task (metric learners build one score per class)
         self.chunk_size = int(chunk_size)
         self.compile = bool(compile)
         self._eager: Callable | None = None

@@ -15,6 +15,7 @@ from torch.func import functional_call
 
 from mtl_ray.algorithms.base import SUPPORT_X, FunctionalAlgorithm, Params, State
 from mtl_ray.algorithms.gradient import sub
+from mtl_ray.models import RelationNet
 
 
 def one_hot(y: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor:
@@ -23,11 +24,12 @@ def one_hot(y: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 class ProtoNet(FunctionalAlgorithm):
-    name = "protonet"
+    """Class prototypes from the support set's embeddings (``ways`` of them); no head, no inner steps."""
 
-    def __init__(self, model, *, ways: int, **kwargs):
-        super().__init__(model, **kwargs)
-        self.ways = ways
+    name = "protonet"
+    uses_head = False
+    has_inner_loop = False
+    supports_regression = False  # prototypes are per class
 
     def embed(self, params: Params, x: torch.Tensor, state: State | None = None) -> torch.Tensor:
         """Embeddings ``[M, D]`` of ``x``; with an adapted ``state``, normalised as its queries are."""
@@ -47,11 +49,15 @@ class ProtoNet(FunctionalAlgorithm):
 
 
 class RelationNetwork(FunctionalAlgorithm):
-    name = "relationnet"
+    """A learned relation module scores (query, class) pairs; builds its own :class:`RelationNet`."""
 
-    def __init__(self, model, *, ways: int, **kwargs):
-        super().__init__(model, **kwargs)
-        self.ways = ways
+    name = "relationnet"
+    uses_head = False
+    has_inner_loop = False
+    supports_regression = False  # scores are per class
+    accepts_init = False  # its embedding (two pooled blocks of four) has another layout than a pretrained body
+    model = RelationNet
+    model_names = ("conv4",)  # RelationNet reads conv4's settings (model.channels, downsample, conv_impl)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """MSE between relation scores ``[Q, N]`` and one-hot targets (Sung et al. 2018, eq. 3)."""

@@ -35,6 +35,7 @@ class MTL(ANIL):
     """
 
     name = "mtl"
+    needs_init = True  # it meta-learns the scale and shift of a pretrained, frozen body
     SCALE = EXTRA_PREFIX + "ss.scale."
     SHIFT = EXTRA_PREFIX + "ss.shift."
 

@@ -16,11 +16,11 @@ from mtl_ray.data.base import TaskBatch
 
 
 class Reptile(MAML):
-    name = "reptile"
+    """The meta-"gradient" ``theta - phi`` summed over tasks (vectorised, no outer differentiation)."""
 
-    def __init__(self, *args, **kwargs):
-        kwargs["first_order"] = True  # Reptile never differentiates through the inner loop
-        super().__init__(*args, **kwargs)
+    name = "reptile"
+    second_order = False  # Reptile never differentiates through the inner loop
+    compilable = False  # its update is not a meta-gradient: nothing for algorithm.compile to compile
 
     def meta_gradient(self, params, batch: TaskBatch) -> ShardResult:
         params = {k: v.detach() for k, v in params.items()}

@@ -8,12 +8,14 @@ any number of workers contains bit-identical tasks.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 import torch
+
+from mtl_ray.config import Config, DataConfig
 
 Split = Literal["train", "val", "test", "all"]
 SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
@@ -165,3 +167,41 @@ class PoolTaskSource:
         sx, sy, qx, qy = (np.stack([p[k] for p in parts]) for k in range(4))
         return TaskBatch(to_float_images(sx), torch.from_numpy(sy).long(),
                          to_float_images(qx), torch.from_numpy(qy).long())
+
+
+@dataclass(frozen=True)
+class LoadedSource:
+    """An image source, loaded: its :class:`ClassPool` per split plus what check messages need to explain them."""
+
+    splits: dict[str, ClassPool]  # split -> the classes of that split
+    md5s: dict[str, str]  # file (or upstream source) -> md5, logged with a run
+    name: str  # e.g. "omniglot", "parquet:<file name>"
+    describe: Callable[[str], str]  # split -> "classes in the 'val' split of ...: ..."
+    fix: Callable[[str], str]  # split -> how to get more classes into that split
+    problems: list[str] = field(default_factory=list)  # problems found while loading (e.g. unknown alphabets)
+
+
+def no_problems(data: DataConfig) -> list[str]:
+    return []
+
+
+def no_cache() -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """What one ``data.source`` is and can do: its entry in :data:`mtl_ray.data.registry.SOURCES`.
+
+    An image source gives ``load`` (its classes per split; tasks are N-way episodes over them); a source that
+    generates its tasks gives ``build`` instead (and has no classes for the data checks to count).
+    """
+
+    kind: TaskKind
+    images: bool  # inputs are images ``[C, S, S]`` (what image models, e.g. conv4, need); else vectors ``[D]``
+    load: Callable[[Config], LoadedSource] | None = None
+    build: Callable[[Config], TaskSource] | None = None
+    # What data.path must name (and how to make one) when the source reads it; "": data.path is unused
+    path: str = ""
+    check: Callable[[DataConfig], list[str]] = no_problems  # static checks of the source's own data.* fields
+    clear_cache: Callable[[], None] = no_cache  # forget what this process decoded or read

@@ -17,10 +17,9 @@ import numpy as np
 from PIL import Image
 
 from mtl_ray.config import Config
-from mtl_ray.data.base import ClassPool
+from mtl_ray.data.base import ClassPool, LoadedSource, SourceSpec
 from mtl_ray.data.imagetable import hash_split
 
-DOMAIN = "digits"
 SOURCE_NAME = "sklearn.datasets.load_digits"
 
 
@@ -49,15 +48,31 @@ def load_digits_images(image_size: int) -> tuple[dict[str, np.ndarray], str]:
     return images, md5
 
 
-def load_digits_pools(cfg: Config) -> tuple[dict[str, ClassPool], dict[str, str]]:
-    """``({split: ClassPool}, {"sklearn.datasets.load_digits": md5})``; see the module docstring."""
+def load_source(cfg: Config) -> LoadedSource:
+    """The digits' classes per split (see the module docstring); md5s ``{"sklearn.datasets.load_digits": md5}``."""
     images, md5 = load_digits_images(cfg.data.image_size)
     d = cfg.data
-    if d.val_fraction > 0 or d.test_fraction > 0:
+    hashed = d.val_fraction > 0 or d.test_fraction > 0
+    if hashed:
         split_labels = hash_split(images, d.val_fraction, d.test_fraction)
     else:
         everything = sorted(images)
         split_labels = {s: everything for s in ("train", "val", "test", "all")}
     pools = {s: ClassPool(names=tuple(labs), images=tuple(images[lab] for lab in labs))
              for s, labs in split_labels.items()}
-    return pools, {SOURCE_NAME: md5}
+
+    def describe(split: str) -> str:
+        if hashed:
+            return (f"classes in the {split!r} split of digits (val_fraction={d.val_fraction}, "
+                    f"test_fraction={d.test_fraction})")
+        return "classes in digits (every split holds all 10)"
+
+    def fix(split: str) -> str:
+        if hashed:
+            return "lower data.ways or set data.val_fraction=0 and data.test_fraction=0 (all 10 digits per split)"
+        return "lower data.ways (digits has 10 classes)"
+
+    return LoadedSource(pools, {SOURCE_NAME: md5}, "digits", describe, fix)
+
+
+SOURCE = SourceSpec(kind="classification", images=True, load=load_source, clear_cache=load_digits_images.cache_clear)

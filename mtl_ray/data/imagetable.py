@@ -15,7 +15,7 @@ Schema metadata (byte-string keys and values):
 
 Pixel convention: uint8 with *ink high* — strokes/foreground 255, background 0 — the way the models
 see Omniglot. Black-on-white drawings (Omniglot, scanned handwriting) need inverting when decoded:
-:func:`convert_folder` and :func:`read_pools` take ``invert=True`` for that; photos are used as-is.
+:func:`convert_folder` and :func:`read_image_table` take ``invert=True`` for that; photos are used as-is.
 
 Raw tables read at memory speed: the ``image`` column's Arrow buffers are viewed with
 ``np.frombuffer`` (no per-row Python loop).
@@ -50,7 +50,7 @@ _MAX_CHUNK_BYTES = 2**31 - 1  # int32 offsets of an Arrow binary array
 
 
 class ImageTable(NamedTuple):
-    """What :func:`read_pools` returns (unpacks as ``images, domains, source_md5``).
+    """What :func:`read_image_table` returns (unpacks as ``images, domains, source_md5``).
 
     ``images[label]`` is ``[n, C, H, W]`` uint8 (read-only), labels in sorted order;
     ``domains[label]`` the label's domain ("" when the table has none);
@@ -209,8 +209,8 @@ def _raw_images(col: pa.ChunkedArray, shape: tuple[int, int, int], where: str) -
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def read_pools(path: str | Path, image_size: int, channels: int | None = None,
-               invert: bool = False) -> ImageTable:
+def read_image_table(path: str | Path, image_size: int, channels: int | None = None,
+                     invert: bool = False) -> ImageTable:
     """Read an image table, grouped by label: ``images[label] -> [n, C, image_size, image_size]`` uint8.
 
     Raw tables are already in the project's convention; images whose stored size differs from

@@ -1,4 +1,4 @@
-"""Omniglot (Lake et al. 2015) as per-split class pools, decoded once into a cached image table.
+"""Omniglot (Lake et al. 2015) as one :class:`ClassPool` per split, decoded once into a cached image table.
 
 Archives live at ``<data_root>/omniglot/<name>.zip`` (``data_root`` from :func:`fetch.data_root`).
 The configured archives (``data.archives``) are md5-checked, decoded (1-bit 105x105 PNG -> 'L' ->
@@ -27,9 +27,9 @@ import numpy as np
 from PIL import Image
 
 from mtl_ray.config import Config, DataConfig
-from mtl_ray.data.base import ClassPool
+from mtl_ray.data.base import ClassPool, LoadedSource, SourceSpec
 from mtl_ray.data.fetch import DataError, data_root, ensure_file
-from mtl_ray.data.imagetable import decode_image, read_pools, write_table
+from mtl_ray.data.imagetable import decode_image, read_image_table, write_table
 
 URL_TEMPLATE = "https://github.com/brendenlake/omniglot/raw/master/python/{name}.zip"
 ARCHIVE_MD5: dict[str, str] = {
@@ -113,7 +113,7 @@ def decode_archives(paths: Sequence[Path], image_size: int) -> tuple[list[str], 
 @lru_cache(maxsize=8)
 def _read_cache(path: str, mtime_ns: int, size: int, image_size: int) -> tuple[
         dict[str, np.ndarray], dict[str, str], dict[str, str]]:
-    table = read_pools(path, image_size)
+    table = read_image_table(path, image_size)
     return table.images, table.domains, table.source_md5
 
 
@@ -194,16 +194,41 @@ def make_pools(table: OmniglotTable, data: DataConfig) -> dict[str, ClassPool]:
     return pools
 
 
-def load_omniglot_pools(cfg: Config) -> tuple[dict[str, ClassPool], dict[str, str]]:
-    """``({split: ClassPool}, {archive file: md5})`` for ``cfg.data``; raises :class:`DataError` for
-    missing/corrupt archives or unknown alphabet names (listing the known ones)."""
-    table = load_omniglot_table(cfg.data)
-    problems = alphabet_problems(cfg.data, alphabets_of(table.domains))
-    if problems:
-        raise DataError("; ".join(problems), problems)
-    return make_pools(table, cfg.data), dict(table.md5s)
+def load_source(cfg: Config) -> LoadedSource:
+    """Omniglot's classes per split for ``cfg.data``; unknown alphabet names come back as ``problems`` (listing
+    the known ones); missing or corrupt archives raise :class:`DataError`."""
+    d = cfg.data
+    table = load_omniglot_table(d)
+    alphabets = alphabets_of(table.domains)
+    by_split = split_alphabets(d, alphabets)
+    pools = make_pools(table, d)
+
+    def describe(split: str) -> str:
+        alphas = ", ".join(by_split[split]) or "none"
+        rot = f", x{pools[split].rotations} rotations" if pools[split].rotations > 1 else ""
+        return f"classes in the {split!r} split of omniglot: alphabets {alphas}{rot}"
+
+    def fix(split: str) -> str:
+        if split == "train":
+            return "lower data.ways or move alphabets out of data.val_alphabets/data.test_alphabets"
+        return f"lower data.ways or move alphabets into that split (data.{split}_alphabets)"
+
+    return LoadedSource(pools, dict(table.md5s), "omniglot", describe, fix, alphabet_problems(d, alphabets))
+
+
+def check_config(data: DataConfig) -> list[str]:
+    """The static checks of Omniglot's own fields (archive names, alphabets in two splits)."""
+    p = [f"data.archives: got {name!r}, expected one of: {', '.join(ARCHIVE_MD5)}"
+         for name in data.archives if name not in ARCHIVE_MD5]
+    both = sorted(set(data.val_alphabets) & set(data.test_alphabets))
+    if both:
+        p.append(f"data.val_alphabets and data.test_alphabets share {both}; an alphabet may be in one split only")
+    return p
 
 
 def clear_cache() -> None:
     """Forget tables read in this process (the on-disk cache stays)."""
     _read_cache.cache_clear()
+
+
+SOURCE = SourceSpec(kind="classification", images=True, load=load_source, check=check_config, clear_cache=clear_cache)

@@ -12,7 +12,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from mtl_ray.data.base import TaskBatch, TaskKind, task_rng
+from mtl_ray.config import Config
+from mtl_ray.data.base import SourceSpec, TaskBatch, TaskKind, task_rng
 
 AMPLITUDE = (0.1, 5.0)
 PHASE = (0.0, np.pi)
@@ -51,3 +52,10 @@ class SinusoidTaskSource:
         y = torch.from_numpy(np.stack(ys)).float().unsqueeze(-1)
         k = self.shots
         return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+
+
+def build(cfg: Config) -> SinusoidTaskSource:
+    return SinusoidTaskSource(seed=cfg.seed, shots=cfg.data.shots, queries=cfg.data.queries)
+
+
+SOURCE = SourceSpec(kind="regression", images=False, build=build)

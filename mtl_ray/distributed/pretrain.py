@@ -45,8 +45,9 @@ from mtl_ray.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from mtl_ray.config import Config, UserError, from_dict
-from mtl_ray.data import load_pools
+from mtl_ray.components import from_dict
+from mtl_ray.config import Config, UserError
+from mtl_ray.data import load_source
 from mtl_ray.data.supervised import LabelledImages, batch_indices, supervised_split
 from mtl_ray.distributed.driver import Callback
 from mtl_ray.models import build_model, initial_params
@@ -69,7 +70,7 @@ class PretrainSummary:
 
 def pretrain_data(cfg: Config) -> tuple[LabelledImages, LabelledImages]:
     """(training, held-out) examples over every class of the config's train split."""
-    return supervised_split(load_pools(cfg).pools["train"], cfg.pretrain.holdout, cfg.seed)
+    return supervised_split(load_source(cfg).splits["train"], cfg.pretrain.holdout, cfg.seed)
 
 
 def build_optimizer(cfg: Config, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:

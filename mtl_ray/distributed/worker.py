@@ -14,7 +14,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from mtl_ray.algorithms import Params, ShardResult, build_learner
-from mtl_ray.config import Config, from_dict
+from mtl_ray.components import from_dict
+from mtl_ray.config import Config
 from mtl_ray.data.base import TaskBatch
 from mtl_ray.runtime import fp32_precision, tune_allocator
 

@@ -7,12 +7,15 @@ from torch import nn
 
 from mtl_ray.config import Config
 from mtl_ray.models.nets import HEAD_PREFIX, MLP, Conv4, RelationNet
+from mtl_ray.models.registry import MODELS, ModelClass
 
 __all__ = [
     "BODY_PREFIX",
     "HEAD_PREFIX",
     "MLP",
+    "MODELS",
     "Conv4",
+    "ModelClass",
     "RelationNet",
     "body_params",
     "build_model",
@@ -23,21 +26,17 @@ __all__ = [
 BODY_PREFIX = "body."
 
 
-def build_model(cfg: Config, x_shape: tuple[int, ...], out_features: int) -> nn.Module:
-    """The model for a config. ``out_features`` 0 builds a body without a head (metric learners)."""
-    m = cfg.model
-    if cfg.algorithm.name == "relationnet":
-        return RelationNet(x_shape[0], x_shape[-1], channels=m.channels, downsample=m.downsample,
-                           impl=m.conv_impl)
-    if m.name == "mlp":
-        in_features = 1
-        for s in x_shape:
-            in_features *= s
-        return MLP(in_features, m.hidden_sizes, out_features)
-    if m.name == "conv4":
-        return Conv4(x_shape[0], x_shape[-1], out_features, channels=m.channels, blocks=m.blocks,
-                     downsample=m.downsample, impl=m.conv_impl)
-    raise ValueError(f"model.name: got {m.name!r}, expected 'mlp' or 'conv4'")
+def build_model(cfg: Config, x_shape: tuple[int, ...], out_features: int,
+                cls: type[ModelClass] | None = None) -> nn.Module:
+    """The ``model.name`` model (or ``cls``, e.g. an algorithm's own) for inputs of ``x_shape``.
+
+    ``out_features`` 0 builds a body without a head (metric learners).
+    """
+    if cls is None:
+        cls = MODELS.get(cfg.model.name)
+        if cls is None:
+            raise ValueError(f"model.name: got {cfg.model.name!r}, expected one of: {', '.join(MODELS)}")
+    return cls.from_config(cfg.model, x_shape, out_features)
 
 
 def initial_params(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:

@@ -8,9 +8,12 @@ under ``model.norm=support``), or from all rows when None (see :mod:`mtl_ray.mod
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
+from mtl_ray.config import Config, ModelConfig
 from mtl_ray.models.layers import Blocks, ConvBlock, block_output_size
 
 HEAD_PREFIX = "head."
@@ -18,6 +21,19 @@ HEAD_PREFIX = "head."
 
 class MLP(nn.Module):
     """``x [N, D] -> [N, out]``; 1-40-40-1 for sinusoid regression (Finn et al. 2017)."""
+
+    image_input: ClassVar[bool] = False  # any input: images are flattened
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, x_shape: tuple[int, ...], out_features: int) -> MLP:
+        in_features = 1
+        for s in x_shape:
+            in_features *= s
+        return cls(in_features, m.hidden_sizes, out_features)
+
+    @staticmethod
+    def config_problems(cfg: Config) -> list[str]:
+        return []
 
     def __init__(self, in_features: int, hidden_sizes: tuple[int, ...], out_features: int):
         super().__init__()
@@ -43,6 +59,22 @@ class Conv4(nn.Module):
     a stride-2 conv (``"stride"``); ``pooled_blocks`` limits downsampling to the first blocks
     (Relation Networks keep the last two at full size).
     """
+
+    image_input: ClassVar[bool] = True  # ``[C, S, S]`` inputs
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, x_shape: tuple[int, ...], out_features: int) -> Conv4:
+        return cls(x_shape[0], x_shape[-1], out_features, channels=m.channels, blocks=m.blocks,
+                   downsample=m.downsample, impl=m.conv_impl)
+
+    @staticmethod
+    def config_problems(cfg: Config) -> list[str]:
+        """Every pooling block halves the image: ``model.blocks`` of them need ``2 ** blocks`` pixels a side."""
+        m, d = cfg.model, cfg.data
+        if m.downsample == "pool" and d.image_size < 2 ** m.blocks:
+            return [f"data.image_size: got {d.image_size}, expected >= {2 ** m.blocks} for {m.blocks} "
+                    "pooling blocks (lower model.blocks or raise the image size)"]
+        return []
 
     def __init__(self, in_channels: int, image_size: int, out_features: int, *, channels: int = 64,
                  blocks: int = 4, downsample: str = "pool", impl: str = "folded",
@@ -73,7 +105,17 @@ class RelationNet(nn.Module):
     ``body``: Conv4 with the first two blocks pooled -> ``[N, 64, S/4, S/4]`` feature maps.
     ``relation``: two conv blocks on concatenated pairs ``[P, 128, S/4, S/4]`` -> FC(8) -> FC(1) ->
     sigmoid, giving relation scores in (0, 1).
+
+    Not a ``model.name`` choice: the relationnet algorithm builds it (``RelationNetwork.model``) from conv4's
+    settings (``model.channels``, ``model.downsample``, ``model.conv_impl``).
     """
+
+    image_input: ClassVar[bool] = True
+
+    @classmethod
+    def from_config(cls, m: ModelConfig, x_shape: tuple[int, ...], out_features: int) -> RelationNet:
+        """``out_features`` is ignored: the relation module scores each (query, class) pair."""
+        return cls(x_shape[0], x_shape[-1], channels=m.channels, downsample=m.downsample, impl=m.conv_impl)
 
     def __init__(self, in_channels: int, image_size: int, *, channels: int = 64, downsample: str = "pool",
                  impl: str = "folded", hidden: int = 8):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from mtl_ray.config import Config, ConfigError, from_dict, load_config
+from mtl_ray.components import from_dict, load_config
+from mtl_ray.config import Config, ConfigError
 from mtl_ray.data.fetch import data_root
 from mtl_ray.tracking.rundir import CONFIG_FILE
 

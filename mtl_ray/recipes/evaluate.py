@@ -18,7 +18,9 @@ import torch
 from mtl_ray import metrics as M
 from mtl_ray.algorithms import Params, TaskShape, build_learner, linear_probe, uses_head
 from mtl_ray.checkpoint import PRETRAIN_STAGE, load_checkpoint
-from mtl_ray.config import Config, ConfigError, UserError, from_dict, is_regression
+from mtl_ray.components import from_dict
+from mtl_ray.config import Config, ConfigError, UserError
+from mtl_ray.data import is_regression
 from mtl_ray.data.lake import WAYS, LakeRun, default_lake_path, lake_error_rate, load_lake_runs
 
 

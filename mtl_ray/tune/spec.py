@@ -34,7 +34,8 @@ from typing import Any
 import yaml
 
 from mtl_ray import metrics as M
-from mtl_ray.config import Config, ConfigError, load_config, read_yaml, with_absolute_paths
+from mtl_ray.components import load_config
+from mtl_ray.config import Config, ConfigError, read_yaml, with_absolute_paths
 
 DOMAINS = ("loguniform", "uniform", "randint", "choice", "grid")
 SEARCHES = ("random", "grid", "optuna")

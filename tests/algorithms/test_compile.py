@@ -8,7 +8,8 @@ import torch
 from mtl_ray.algorithms import base as algorithms_base
 from mtl_ray.algorithms import build_learner, initial_meta_params
 from mtl_ray.algorithms.base import CompileMismatchError
-from mtl_ray.config import ConfigError, from_dict
+from mtl_ray.components import from_dict
+from mtl_ray.config import ConfigError
 from mtl_ray.distributed.driver import MetaTrainer
 from mtl_ray.distributed.executor import LocalExecutor
 

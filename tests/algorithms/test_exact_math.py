@@ -19,7 +19,7 @@ from mtl_ray.algorithms import (
 )
 from mtl_ray.algorithms import base as algorithms_base
 from mtl_ray.algorithms.base import AUTO_CHUNK_ELEMENTS, Params, chunks
-from mtl_ray.config import from_dict
+from mtl_ray.components import from_dict
 from mtl_ray.data.base import TaskBatch
 
 

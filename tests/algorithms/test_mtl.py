@@ -6,7 +6,7 @@ import torch
 from torch.func import functional_call
 
 from mtl_ray.algorithms import MTL, TaskShape, build_learner, initial_meta_params, linear_probe
-from mtl_ray.config import from_dict
+from mtl_ray.components import from_dict
 from mtl_ray.data.base import TaskBatch
 from mtl_ray.models import modulated_layers
 from mtl_ray.models.layers import batch_norm

@@ -13,7 +13,7 @@ import torch
 
 from mtl_ray.algorithms import ALGORITHMS, TaskShape, build_learner, initial_meta_params
 from mtl_ray.algorithms.base import SUPPORT_X
-from mtl_ray.config import from_dict
+from mtl_ray.components import from_dict
 from mtl_ray.data.base import TaskBatch
 from mtl_ray.models import body_params
 

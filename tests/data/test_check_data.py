@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from mtl_ray.config import Config, from_dict
+from mtl_ray.components import from_dict
+from mtl_ray.config import Config
 from mtl_ray.data import check_data
 
 MakeCfg = Callable[..., Config]

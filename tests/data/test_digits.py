@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from mtl_ray.config import from_dict
+from mtl_ray.components import from_dict
 from mtl_ray.data import build_task_source, check_data
-from mtl_ray.data.digits import load_digits_images, load_digits_pools
+from mtl_ray.data.digits import load_digits_images, load_source
 
 
 def _cfg(**data: object):
@@ -16,7 +16,8 @@ def _cfg(**data: object):
 
 
 def test_ten_classes_in_every_split_with_the_configured_size() -> None:
-    pools, md5s = load_digits_pools(_cfg(image_size=28))
+    loaded = load_source(_cfg(image_size=28))
+    pools, md5s = loaded.splits, loaded.md5s
     assert list(md5s) == ["sklearn.datasets.load_digits"] and len(md5s["sklearn.datasets.load_digits"]) == 32
     for split in ("train", "val", "test", "all"):
         assert pools[split].names == tuple(str(d) for d in range(10))
@@ -43,7 +44,7 @@ def test_five_way_tasks_sample() -> None:
 
 
 def test_hash_split_when_fractions_set() -> None:
-    pools, _ = load_digits_pools(_cfg(val_fraction=0.3, test_fraction=0.3))
+    pools = load_source(_cfg(val_fraction=0.3, test_fraction=0.3)).splits
     names = [set(pools[s].names) for s in ("train", "val", "test")]
     assert set().union(*names) == {str(d) for d in range(10)} and sum(map(len, names)) == 10
 

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from mtl_ray.atomic import WriteError
-from mtl_ray.config import from_dict
+from mtl_ray.components import from_dict
 from mtl_ray.data import build_task_source, check_data
 from mtl_ray.data.fetch import DataError
 from mtl_ray.data.imagetable import (
@@ -20,7 +20,7 @@ from mtl_ray.data.imagetable import (
     META_SHAPE,
     convert_folder,
     hash_split,
-    read_pools,
+    read_image_table,
     write_table,
 )
 
@@ -60,7 +60,7 @@ def test_convert_folder_then_read_pools(tmp_path: Path) -> None:
                          domain="shapes")
     meta = pq.read_schema(out).metadata
     assert meta[META_ENCODING] == b"raw-uint8" and meta[META_SHAPE] == b"1,16,16"
-    images, domains, md5s = read_pools(out, 16)
+    images, domains, md5s = read_image_table(out, 16)
     assert sorted(images) == ["bar", "box", "cross"]
     assert all(x.shape == (4, 1, 16, 16) and x.dtype == np.uint8 for x in images.values())
     assert domains == {"bar": "shapes", "box": "shapes", "cross": "shapes"} and md5s == {}
@@ -74,9 +74,9 @@ def test_convert_folder_then_read_pools(tmp_path: Path) -> None:
 
 def test_convert_folder_rgb_keeps_three_channels(tmp_path: Path) -> None:
     out = convert_folder(_make_folder(tmp_path), tmp_path / "rgb.parquet", image_size=12, channels=3)
-    images, _, _ = read_pools(out, 12)
+    images, _, _ = read_image_table(out, 12)
     assert images["box"].shape == (4, 3, 12, 12)
-    gray, _, _ = read_pools(out, 12, channels=1)  # RGB -> L on read
+    gray, _, _ = read_image_table(out, 12, channels=1)  # RGB -> L on read
     assert gray["box"].shape == (4, 1, 12, 12)
     assert np.abs(gray["box"][:, 0].astype(int) - images["box"][:, 0].astype(int)).max() <= 1
 
@@ -86,12 +86,12 @@ def test_raw_roundtrip_is_exact_and_resizes_on_read(tmp_path: Path) -> None:
     x = rng.integers(0, 256, size=(50, 1, 8, 8), dtype=np.uint8)
     labels = [f"c{i % 5}" for i in range(50)]
     path = write_table(tmp_path / "r.parquet", labels, x, domains=["d"] * 50, source_md5={"src.zip": "ab" * 16})
-    images, domains, md5s = read_pools(path, 8)
+    images, domains, md5s = read_image_table(path, 8)
     assert md5s == {"src.zip": "ab" * 16} and set(domains.values()) == {"d"}
     for c in range(5):
         np.testing.assert_array_equal(images[f"c{c}"], x[c::5])
     assert not images["c0"].flags.writeable
-    big, _, _ = read_pools(path, 16)
+    big, _, _ = read_image_table(path, 16)
     assert big["c0"].shape == (10, 1, 16, 16)
 
 
@@ -102,7 +102,7 @@ def test_raw_table_read_from_many_chunks(tmp_path: Path) -> None:
     path = write_table(tmp_path / "r.parquet", labels, x)
     table = pq.read_table(path)
     pq.write_table(table, tmp_path / "chunked.parquet", row_group_size=7)
-    images, _, _ = read_pools(tmp_path / "chunked.parquet", 2)
+    images, _, _ = read_image_table(tmp_path / "chunked.parquet", 2)
     for c in range(3):
         np.testing.assert_array_equal(images[str(c)], x[c * 100:(c + 1) * 100])
 
@@ -117,11 +117,11 @@ def test_encoded_table_is_decoded(tmp_path: Path) -> None:
             labels.append(f"k{k}")
     path = tmp_path / "enc.parquet"
     pq.write_table(pa.table({"label": labels, "image": pa.array(cells, pa.binary())}), path)
-    images, domains, md5s = read_pools(path, 20, invert=True)
+    images, domains, md5s = read_image_table(path, 20, invert=True)
     assert sorted(images) == ["k0", "k1", "k2"] and domains["k0"] == "" and md5s == {}
     assert images["k2"].shape == (2, 1, 20, 20)
     assert images["k0"][0, 0, 10, 10] > 200 and images["k0"][0, 0, 0, 0] < 30  # inverted: ink high
-    rgb, _, _ = read_pools(path, 20, channels=3)
+    rgb, _, _ = read_image_table(path, 20, channels=3)
     assert rgb["k1"].shape == (2, 3, 20, 20)
 
 
@@ -167,18 +167,18 @@ def test_unreadable_image_names_the_file(tmp_path: Path) -> None:
 
 def test_table_errors(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="image table not found"):
-        read_pools(tmp_path / "absent.parquet", 28)
+        read_image_table(tmp_path / "absent.parquet", 28)
     pq.write_table(pa.table({"name": ["a"], "image": [b"x"]}), tmp_path / "nolabel.parquet")
     with pytest.raises(DataError, match=r"missing \['label'\]"):
-        read_pools(tmp_path / "nolabel.parquet", 28)
+        read_image_table(tmp_path / "nolabel.parquet", 28)
     (tmp_path / "junk.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="not a readable Parquet file"):
-        read_pools(tmp_path / "junk.parquet", 28)
+        read_image_table(tmp_path / "junk.parquet", 28)
     t = pa.table({"label": ["a"], "image": pa.array([b"\x00" * 5], pa.binary())})
     pq.write_table(t.replace_schema_metadata({META_ENCODING: b"raw-uint8", META_SHAPE: b"1,2,2"}),
                    tmp_path / "short.parquet")
     with pytest.raises(DataError, match="holds 5 bytes, expected 4"):
-        read_pools(tmp_path / "short.parquet", 2)
+        read_image_table(tmp_path / "short.parquet", 2)
     with pytest.raises(DataError, match=r"images: got dtype float64"):
         write_table(tmp_path / "f.parquet", ["a"], np.zeros((1, 1, 2, 2)))
 

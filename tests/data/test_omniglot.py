@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from mtl_ray.config import Config, from_dict
+from mtl_ray.components import from_dict
+from mtl_ray.config import Config
 from mtl_ray.data import build_task_source, omniglot
 from mtl_ray.data.fetch import DataError
 from mtl_ray.data.imagetable import META_MD5
@@ -75,7 +76,8 @@ def test_other_image_size_gets_its_own_cache(linked_root: Callable[..., Path]) -
 
 def test_alphabet_splits_disjoint_and_as_configured(omniglot_cfg: MakeCfg) -> None:
     cfg = omniglot_cfg(val_alphabets=["Early_Aramaic", "Greek"], test_alphabets=["Korean", "Tagalog"])
-    pools, md5s = omniglot.load_omniglot_pools(cfg)
+    loaded = omniglot.load_source(cfg)
+    pools, md5s = loaded.splits, loaded.md5s
     assert md5s == SMALL_MD5
     alpha = {s: {n.split("/")[0] for n in p.names} for s, p in pools.items()}
     assert alpha["val"] == {"Early_Aramaic", "Greek"} and alpha["test"] == {"Korean", "Tagalog"}
@@ -87,17 +89,17 @@ def test_alphabet_splits_disjoint_and_as_configured(omniglot_cfg: MakeCfg) -> No
 
 
 def test_rotations_only_on_train(omniglot_cfg: MakeCfg) -> None:
-    pools, _ = omniglot.load_omniglot_pools(omniglot_cfg(rotations=True))
+    pools = omniglot.load_source(omniglot_cfg(rotations=True)).splits
     assert pools["train"].rotations == 4 and pools["train"].num_classes == 4 * len(pools["train"].names) == 652
     assert all(pools[s].rotations == 1 for s in ("val", "test", "all"))
     assert pools["val"].num_classes == 22 and pools["test"].num_classes == 40 + 17
-    plain, _ = omniglot.load_omniglot_pools(omniglot_cfg(rotations=False))
+    plain = omniglot.load_source(omniglot_cfg(rotations=False)).splits
     assert plain["train"].num_classes == len(plain["train"].names) == 163
 
 
 def test_unknown_alphabet_lists_known_ones(omniglot_cfg: MakeCfg) -> None:
-    with pytest.raises(DataError) as e:
-        omniglot.load_omniglot_pools(omniglot_cfg(test_alphabets=["Korean", "Klingon"]))
+    with pytest.raises(DataError) as e:  # the loader reports it; building a task source refuses it
+        build_task_source(omniglot_cfg(test_alphabets=["Korean", "Klingon"]))
     msg = str(e.value)
     assert "data.test_alphabets" in msg and "'Klingon'" in msg and "Balinese" in msg and "Tagalog" in msg
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mtl_ray.data import check_pretrain_data, load_pools
+from mtl_ray.data import check_pretrain_data, load_source
 from mtl_ray.data.base import ClassPool
 from mtl_ray.data.supervised import batch_indices, supervised_split
 
@@ -57,7 +57,7 @@ def test_too_large_a_holdout_is_rejected_with_the_fix():
 def test_pretrain_data_checks(omniglot_cfg):
     cfg = omniglot_cfg()
     assert check_pretrain_data(cfg) == []
-    fewest = load_pools(cfg).pools["train"].min_examples
+    fewest = load_source(cfg).splits["train"].min_examples
     bad = cfg.replace(**{"pretrain.holdout": fewest})
     assert any(f"pretrain.holdout: got {fewest}, expected < {fewest}" in p for p in check_pretrain_data(bad))
     sine = cfg.replace(**{"data.source": "sinusoid", "model.name": "mlp"})

@@ -9,7 +9,7 @@ import torch
 
 from mtl_ray.algorithms import ShardResult
 from mtl_ray.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint
-from mtl_ray.config import from_dict
+from mtl_ray.components import from_dict
 from mtl_ray.distributed.driver import MetaTrainer, reduce_results
 from mtl_ray.distributed.executor import LocalExecutor, shard
 

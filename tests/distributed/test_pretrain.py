@@ -17,11 +17,12 @@ from test_cli import cli
 
 from mtl_ray import metrics as M
 from mtl_ray.checkpoint import latest_checkpoint, load_checkpoint
-from mtl_ray.recipes.train import check_config
-from mtl_ray.config import ConfigError, from_dict
+from mtl_ray.components import from_dict
+from mtl_ray.config import ConfigError
 from mtl_ray.distributed.driver import MetaTrainer
 from mtl_ray.distributed.executor import LocalExecutor
 from mtl_ray.recipes.pretrain import pretrain as run_pretraining
+from mtl_ray.recipes.train import check_config
 from mtl_ray.tracking.local import read_metrics
 from mtl_ray.tracking.mlflow_run import tracking_uri
 
@@ -197,12 +198,12 @@ def test_a_killed_worker_is_recovered_from_the_latest_checkpoint(ray_cluster, om
 def test_the_python_api_adapts_a_pretrained_body_to_any_number_of_classes(pretrained):
     """FewShotLearner on a pretraining run: a linear head per support set, for 3 or 4 classes alike."""
     from mtl_ray.api import FewShotLearner
-    from mtl_ray.data import load_pools
+    from mtl_ray.data import load_source
     from mtl_ray.data.base import to_float_images
 
     cfg, run_dir, _ = pretrained
     learner = FewShotLearner.from_checkpoint(run_dir)
-    pool = load_pools(cfg.replace(**{"data.source": "digits"})).pools["test"]
+    pool = load_source(cfg.replace(**{"data.source": "digits"})).splits["test"]
     for names in (["0", "1", "7"], ["2", "3", "5", "8"]):
         imgs = {n: pool.images[pool.names.index(n)] for n in names}
         support = torch.cat([to_float_images(imgs[n][:5]) for n in names])
@@ -229,10 +230,10 @@ def test_cross_domain_eval_on_a_users_parquet_table(pretrained, omniglot_root, t
     """Any image folder a user converts: here 5 digit classes written as PNGs, then `mtl-ray data convert`."""
     from PIL import Image
 
-    from mtl_ray.data import load_pools
+    from mtl_ray.data import load_source
 
     _, run_dir, _ = pretrained
-    pool = load_pools(from_dict({"data": {"source": "digits"}})).pools["test"]
+    pool = load_source(from_dict({"data": {"source": "digits"}})).splits["test"]
     for name, images in list(zip(pool.names, pool.images, strict=True))[:5]:
         (tmp_path / "imgs" / f"digit_{name}").mkdir(parents=True)
         for i, img in enumerate(images[:8]):

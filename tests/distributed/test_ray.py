@@ -10,7 +10,7 @@ import pytest
 import ray
 import torch
 
-from mtl_ray.config import from_dict
+from mtl_ray.components import from_dict
 from mtl_ray.distributed.driver import MetaTrainer, reduce_results
 from mtl_ray.distributed.executor import shard
 from mtl_ray.distributed.ray_executor import RayExecutor, StepTimeoutError

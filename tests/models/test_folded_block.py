@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mtl_ray.algorithms import TaskShape, build_learner, initial_meta_params
-from mtl_ray.config import from_dict
+from mtl_ray.components import from_dict
 from mtl_ray.data.base import TaskBatch
 from mtl_ray.models.layers import STEM_MAX_PATCH, ConvBlock
 

@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mtl_ray import metrics as M
-from mtl_ray.config import from_dict
+from mtl_ray.components import from_dict
 from mtl_ray.recipes.train import train as run_training
 from mtl_ray.tracking.local import read_metrics
 from mtl_ray.tracking.mlflow_run import data_tags, tracking_uri

@@ -18,7 +18,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from mtl_ray import metrics as M
-from mtl_ray.config import load_config
+from mtl_ray.components import load_config
 from mtl_ray.recipes.train import train as run_training
 from mtl_ray.tracking.local import read_metrics
 from mtl_ray.tune.spec import load_sweep
