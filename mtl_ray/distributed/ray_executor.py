@@ -129,9 +129,20 @@ def connect(cfg: Config, min_cpus: float | None = None, *, dashboard: bool = Fal
     else:
         need = s.num_workers * s.cpus_per_worker if min_cpus is None else min_cpus
         cpus = max(os.cpu_count() or 1, math.ceil(need))
+        # Ray's advice that token auth is on (its default for a new local cluster), printed at every start; the
+        # warning that auth is *off* still shows.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_ON)
         # "local": a new instance even if `ray start` left a cluster on this machine (use address=auto for that)
         ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, log_to_driver=True)
     return True
+
+
+class _DropTokenAuthOn(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+
+_TOKEN_AUTH_ON = _DropTokenAuthOn()
 
 
 class RayExecutor:
