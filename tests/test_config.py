@@ -87,3 +87,39 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
 
+
+def test_component_problems_come_from_the_registries_with_the_static_ones_in_one_error():
+    from mtl_ray.algorithms import ALGORITHMS
+
+    with pytest.raises(ConfigError) as e:
+        from_dict({"data": {"source": "sinusoid"}, "model": {"name": "conv4"},
+                   "algorithm": {"name": "protonet", "compile": False}, "optim": {"outer_lr": -1}})
+    text = str(e.value)
+    assert "optim.outer_lr: got -1.0, expected a value > 0" in text  # static
+    assert "model.name: got 'conv4' with data.source=sinusoid, expected 'mlp'" in text
+    fits = ", ".join(n for n, c in ALGORITHMS.items() if c.supports_regression)
+    assert f"algorithm.name: got 'protonet' with data.source=sinusoid (regression); expected one of: {fits}" in text
+    with pytest.raises(ConfigError) as e:
+        from_dict({"data": {"source": "parquet"}, "model": {"name": "mlp", "init": "runs/pre"},
+                   "algorithm": {"name": "relationnet"}})
+    text = str(e.value)
+    assert "model.name: got 'mlp' with algorithm.name=relationnet, expected 'conv4'" in text
+    assert "model.init: relationnet cannot start from a pretrained body" in text
+    assert "data.path: empty, expected the Parquet file to read" in text
+    with pytest.raises(ConfigError) as e:
+        from_dict({"algorithm": {"name": "reptile", "compile": True, "inner_steps": 0}})
+    assert "algorithm.compile: got true with algorithm.name=reptile, expected false" in str(e.value)
+    assert "algorithm.inner_steps: got 0, expected a value > 0" in str(e.value)
+    with pytest.raises(ConfigError, match=r"algorithm\.name: got 'mtl' with model\.init empty"):
+        from_dict({"algorithm": {"name": "mtl"}})
+    assert from_dict({"algorithm": {"name": "protonet", "inner_steps": 0}}).algorithm.inner_steps == 0
+
+
+def test_parse_is_the_non_raising_core_and_replace_rechecks_the_components():
+    from mtl_ray.config import parse
+
+    cfg, problems = parse({"model": {"name": "nosuch"}})
+    assert cfg is not None and problems == []  # component names are not config.py's business
+    assert parse({"model": {"nosuch": 1}})[0] is None
+    with pytest.raises(ConfigError, match=r"model\.name: got 'nosuch', expected one of: mlp, conv4"):
+        Config().replace(**{"model.name": "nosuch"})
