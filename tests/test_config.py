@@ -9,7 +9,7 @@ from mtl_ray.config import Config, ConfigError
 from mtl_ray.recipes.train import check_config
 
 
-def validate(path: str | None, overrides: list[str]) -> Config:
+def checked(path: str | None, overrides: list[str]) -> Config:
     """What ``mtl-ray train`` checks before it starts: the static checks, then data and ``model.init``."""
     return check_config(load_config(path, overrides))
 
@@ -19,14 +19,14 @@ CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "jobs" / "con
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_validates(path, omniglot_root, tmp_path, pretrained_stub):
+def test_every_shipped_config_passes_every_check(path, omniglot_root, tmp_path, pretrained_stub):
     overrides = [f"data.root={omniglot_root}"]  # a writable root: the check decodes (and caches) the archives
     init = load_config(path, overrides).model.init
     if init:  # meta-transfer configs name a pretraining run that does not exist yet: say how to make it
         with pytest.raises(ConfigError, match=r"model.init: .*no such checkpoint.*mtl-ray pretrain"):
-            validate(str(path), [*overrides, f"model.init={tmp_path / 'absent'}"])
+            checked(str(path), [*overrides, f"model.init={tmp_path / 'absent'}"])
         overrides.append(f"model.init={pretrained_stub(load_config(path, overrides), tmp_path)}")
-    cfg = validate(str(path), overrides)
+    cfg = checked(str(path), overrides)
     assert cfg.name == path.stem
 
 
@@ -77,7 +77,7 @@ def test_unknown_keys_and_types_are_named_with_a_suggestion():
 
 def test_data_dependent_problems_join_static_ones_before_anything_starts(omniglot_root):
     with pytest.raises(ConfigError) as e:
-        validate(None, [f"data.root={omniglot_root}", "data.ways=30", "data.shots=10", "data.queries=15"])
+        checked(None, [f"data.root={omniglot_root}", "data.ways=30", "data.shots=10", "data.queries=15"])
     text = str(e.value)
     assert "data.ways: got 30, expected <=" in text
     assert "data.shots + data.queries: got 25 (10 + 15), expected <= 20" in text
