@@ -5,14 +5,30 @@ actors are scheduled inside the trial's reservation and concurrent trials never 
 cluster. A trial reports its meta-validation metrics with a checkpoint at every validation; ASHA
 stops weak trials early; a failed trial restarts from its last checkpoint (``max_failures``); an
 interrupted sweep continues with ``--resume`` (``Tuner.restore``). The sweep is an MLflow parent run
-whose children are the trials; at the end it holds the trial table and the best config.
+whose children are the trials; at the end it holds the trial table and the best config, and the best
+trial's model is registered (``mtl-ray-<config name>``).
+
+A trial's MLflow run is named after its hyperparameters (``trial 3: inner_lr=0.4 outer_lr=0.001``) and
+ends with its learning curve, checkpoint and pyfunc model. Its last report to Tune is sent only after
+the run is closed: Tune stops a trial (ASHA at ``max_t``, or any scheduler) as soon as it has the
+result, which used to kill it before its model was logged. A trial that ASHA stopped early is killed
+by Tune mid-run; the driver closes its run afterwards as FINISHED, tagged ``tune.stopped_early=true``,
+with the checkpoint and model of its last reported validation. A trial that failed (after
+``max_failures`` restarts) is FAILED.
+
+Tune's own output keeps its trial table (the sweep's metric first among the result columns) and
+drops its TensorBoard hint (no TensorBoard files are written; MLflow holds the curves) and the
+"Checkpoint successfully created" line of every report.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import logging
 import math
+import os
 import shutil
 import sys
 import tempfile
@@ -29,7 +45,17 @@ from mtl_ray.config import Config
 from mtl_ray.distributed.driver import MetaTrainer
 from mtl_ray.distributed.ray_executor import connect
 from mtl_ray.recipes.train import train as run_training
-from mtl_ray.tracking.mlflow_run import RUN_ID_FILE, ensure_experiment, git_commit, tracking_uri, version_tags
+from mtl_ray.tracking.mlflow_run import (
+    RUN_ID_FILE,
+    ensure_experiment,
+    git_commit,
+    learning_curve,
+    log_run_model,
+    registered_model_name,
+    standard_tags,
+    tracking_uri,
+    version_tags,
+)
 from mtl_ray.tune.spec import SweepSpec, to_tune_space, trial_config
 
 BEST_CONFIG = "best_config.yaml"
@@ -68,35 +94,109 @@ def trial_run_config(spec: SweepSpec, params: Mapping[str, Any], sweep_dir: Path
                           "tracking.uri": tracking_uri(spec.base, sweep_dir), "tracking.checkpoint_uri": ""})
 
 
-class _Reporter:
-    """Reports each meta-validation (and its checkpoint) to Tune: one Tune iteration per validation."""
+def trial_run_name(trial_id: str, params: Mapping[str, Any]) -> str:
+    """``trial 3: inner_lr=0.4 outer_lr=0.001``: the trial's number (Tune's ``<experiment>_<number>`` id) and
+    its sampled values, each under the last part of its key."""
+    number = trial_id.rsplit("_", 1)[-1]
+    number = str(int(number)) if number.isdigit() else trial_id
+    values = " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(_plain_value(v))}" for k, v in params.items())
+    return f"trial {number}: {values}".strip()
 
-    def __init__(self, trainer: MetaTrainer):
+
+def _plain_value(v: Any) -> Any:
+    return v.item() if hasattr(v, "item") else v
+
+
+def _report_order(metric: str, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """The sweep's metric first, then the other meta-validation metrics, then the rest: Tune's trial table shows
+    the first few result keys."""
+    first = [metric, *sorted(k for k in metrics if k.startswith("meta_val/") and k != metric)]
+    return {**{k: metrics[k] for k in first if k in metrics}, **metrics}
+
+
+class _Reporter:
+    """Reports each meta-validation (and its checkpoint) to Tune: one Tune iteration per validation.
+
+    The run's last validation is held back (:attr:`final`): Tune stops the trial when it gets it, so
+    :func:`train_trial` sends it once the run has logged its model and closed.
+    """
+
+    def __init__(self, trainer: MetaTrainer, metric: str):
         self.trainer = trainer
+        self.metric = metric
         self.start_step = trainer.step  # > 0 when this trial was restored from a checkpoint
+        self.final: tuple[dict[str, Any], str | None] | None = None
 
     def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        from ray import tune
-
         if not any(k.startswith("meta_val/") for k in metrics):
             return
         ckpt = self.trainer.last_checkpoint
-        report = {**metrics, "step": step, "resumed_from_step": self.start_step}
-        if ckpt is None or not ckpt.endswith(f"step_{step:08d}.pt"):
-            tune.report(report)
+        report = _report_order(self.metric, {**metrics, "step": step, "resumed_from_step": self.start_step})
+        ckpt = ckpt if ckpt is not None and ckpt.endswith(f"step_{step:08d}.pt") else None
+        o = self.trainer.cfg.optim
+        if step >= o.steps or step % o.val_every:  # the last validation (off schedule: the time budget ended it)
+            self.final = (report, ckpt)
             return
-        with tempfile.TemporaryDirectory() as d:  # Tune copies it into the sweep's storage
-            shutil.copy2(ckpt, Path(d) / Path(ckpt).name)
-            tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+        send(report, ckpt)
+
+
+def send(report: dict[str, Any], ckpt: str | None) -> None:
+    """``tune.report`` with a copy of ``ckpt`` as the Tune checkpoint (Tune moves it into the sweep's storage)."""
+    from ray import tune
+
+    if ckpt is None:
+        tune.report(report)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        shutil.copy2(ckpt, Path(d) / Path(ckpt).name)
+        tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+_CHECKPOINT_LINE = _DropMessages("Checkpoint successfully created at")
+
+
+def _quiet_trial() -> None:
+    """Ray's INFO line at every reported checkpoint, forwarded from each trial to the driver's console."""
+    for name in ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage"):
+        logger = logging.getLogger(name)
+        if _CHECKPOINT_LINE not in logger.filters:
+            logger.addFilter(_CHECKPOINT_LINE)
+
+
+def _name_trial_run(run_dir: Path, cfg: Config, trial_id: str, params: Mapping[str, Any], spec: SweepSpec) -> None:
+    """Name the trial's MLflow run (just opened by the training recipe) after its hyperparameters."""
+    id_file = run_dir / RUN_ID_FILE
+    if not cfg.tracking.mlflow or not id_file.is_file():
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri(cfg, run_dir))
+        run_id = id_file.read_text().strip()
+        client.update_run(run_id, name=trial_run_name(trial_id, {k: params[k] for k in spec.space if k in params}))
+        client.set_tag(run_id, "tune.trial_id", trial_id)
+    except Exception as e:  # tracking never stops a trial
+        print(f"warning: could not name the trial's MLflow run ({e.__class__.__name__}: {e})", file=sys.stderr)
 
 
 def train_trial(params: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, parent_run_id: str | None) -> None:
     """The Tune function trainable: one meta-training run, resumed from Tune's checkpoint after a failure."""
     from ray import tune
 
+    _quiet_trial()
     sweep = Path(sweep_dir)
     ctx = tune.get_context()
-    run_dir = sweep / "trials" / ctx.get_trial_id()
+    trial_id = ctx.get_trial_id()
+    run_dir = sweep / "trials" / trial_id
     cfg = trial_run_config(spec, params, sweep)
     restored = tune.get_checkpoint()
     resume = False
@@ -113,9 +213,18 @@ def train_trial(params: dict[str, Any], *, spec: SweepSpec, sweep_dir: str, pare
             if not (ckdir / src.name).exists():
                 shutil.copy2(src, ckdir / src.name)
         resume = True
+    reporters: list[_Reporter] = []
+
+    def hook(trainer: MetaTrainer) -> list[_Reporter]:  # called once the trial's MLflow run is open
+        _name_trial_run(run_dir, cfg, trial_id, params, spec)
+        reporters.append(_Reporter(trainer, spec.metric))
+        return reporters
+
     # The trial directory is Tune's: a retry without a checkpoint replaces what the failed attempt wrote.
     run_training(cfg, run_dir, resume=resume, overwrite=not resume, parent_run_id=parent_run_id,
-                 trainer_hook=lambda trainer: [_Reporter(trainer)], out=sys.stdout)
+                 trainer_hook=hook, out=sys.stdout)
+    if reporters and reporters[0].final is not None:  # the run is closed, its model logged: now Tune may stop it
+        send(*reporters[0].final)
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -142,7 +251,9 @@ def _parent_run(spec: SweepSpec, sweep_dir: Path, resume: bool) -> tuple[Any, st
             run_id = id_file.read_text().strip()
             client.update_run(run_id, status="RUNNING")
             return client, run_id
-        tags = {"sweep": spec.name, "sweep.source": spec.source, "git.commit": git_commit(), **version_tags()}
+        commit = git_commit()
+        tags = {**standard_tags(commit), "sweep": spec.name, "sweep.source": spec.source, "git.commit": commit,
+                **version_tags()}
         run = client.create_run(exp_id, run_name=sweep_dir.name, tags=tags)
         atomic_write(id_file, run.info.run_id)
         from mlflow.entities import Param
@@ -208,14 +319,40 @@ def run_sweep(spec: SweepSpec, sweep_dir: Path, *, resume: bool = False, out=sys
                                         max_concurrent_trials=spec.max_concurrent_trials or None),
             run_config=tune.RunConfig(name="tune", storage_path=str(sweep_dir), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=spec.max_failures),
-                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2)))
-    grid = tuner.fit()
+                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                                      callbacks=_result_loggers()))
+    grid = _fit_without_tensorboard(tuner)
     result = summarize(spec, grid, sweep_dir)
-    _finish_parent(client, parent_id, spec, result)
+    serve = _finish_parent(client, parent_id, spec, result)
     for line in table_lines(spec, result):
         print(line, file=out)
     print(f"best config: {result.best_config_path}\nbest checkpoint: {result.best_checkpoint}", file=out, flush=True)
+    if serve:
+        print(f"serve the best model: {serve}", file=out, flush=True)
     return result
+
+
+def _result_loggers() -> list[Any]:
+    """The result files Tune's results are read back from (CSV and JSON); not its TensorBoard logger."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    return [CSVLoggerCallback(), JsonLoggerCallback()]
+
+
+def _fit_without_tensorboard(tuner: Any) -> Any:
+    """``tuner.fit()`` without Tune's automatic loggers (the run config names the CSV and JSON ones): with its
+    TensorBoard logger Tune also prints a ``tensorboard --logdir`` hint nobody here needs (MLflow has the
+    curves). Tune reads the switch from the environment when the fit starts; it is restored afterwards."""
+    key = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+        return tuner.fit()
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 # ---------------------------------------------------------------------------- results
@@ -277,9 +414,10 @@ def _fmt(v: Any) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
-def _finish_parent(client: Any, parent_id: str | None, spec: SweepSpec, result: SweepResult) -> None:
+def _finish_parent(client: Any, parent_id: str | None, spec: SweepSpec, result: SweepResult) -> str | None:
+    """Close the sweep's run and its trials' runs, register the best model; return the command serving it."""
     if client is None or parent_id is None:
-        return
+        return None
     try:
         from mlflow.entities import Metric
 
@@ -288,17 +426,82 @@ def _finish_parent(client: Any, parent_id: str | None, spec: SweepSpec, result: 
         client.log_batch(parent_id, metrics=[Metric(f"best_{spec.metric}", result.best_metric, 0, 0)])
         client.set_tag(parent_id, "best_trial", result.best_trial)
         client.set_tag(parent_id, "best_checkpoint", str(result.best_checkpoint))
-        # Trials stopped early by ASHA leave their child runs RUNNING: close them as KILLED.
+        uri = tracking_uri(spec.base, result.sweep_dir)
         for row in result.rows:
-            id_file = Path(row.run_dir) / RUN_ID_FILE
-            if id_file.is_file():
-                run_id = id_file.read_text().strip()
-                if client.get_run(run_id).info.status == "RUNNING":
-                    client.set_tag(run_id, "stopped_by", spec.scheduler)
-                    client.set_terminated(run_id, status="KILLED")
+            close_trial_run(client, uri, spec, row)
+        version = register_best(client, uri, spec, result, parent_id)
         client.set_terminated(parent_id, status="FINISHED")
     except Exception as e:
         print(f"warning: could not finish the sweep's MLflow run ({e.__class__.__name__}: {e})", file=sys.stderr)
+        return None
+    if version is None:
+        return None
+    from mtl_ray.serving import serve_command
+
+    return serve_command(version.name, version.version, uri)
+
+
+STOPPED_EARLY_TAG = "tune.stopped_early"
+
+
+def close_trial_run(client: Any, uri: str, spec: SweepSpec, row: TrialRow) -> str | None:
+    """Close a trial's MLflow run the trial could not close itself; return its final status (None: no run).
+
+    A run the trial closed (FINISHED) is left as it is. A trial that errored is FAILED. Any other (Tune stopped
+    it before its run ended: ASHA stopping it early) is FINISHED with its config, the checkpoint and learning
+    curve up to its last reported step, and the pyfunc model of that checkpoint; ``tune.stopped_early=true``
+    when it stopped before ``optim.steps``.
+    """
+    id_file = Path(row.run_dir) / RUN_ID_FILE
+    if not id_file.is_file():
+        return None
+    run_id = id_file.read_text().strip()
+    run = client.get_run(run_id)
+    if run.info.status == "FINISHED":
+        return "FINISHED"
+    if row.status == "ERROR":
+        client.set_terminated(run_id, status="FAILED")
+        return "FAILED"
+    run_dir = Path(row.run_dir)
+    early = row.steps < spec.base.optim.steps
+    client.set_tag(run_id, STOPPED_EARLY_TAG, str(early).lower())
+    if early:
+        client.set_tag(run_id, "tune.stopped_by", spec.scheduler)
+    at_step = run_dir / "checkpoints" / f"step_{row.steps:08d}.pt"
+    ckpt = str(at_step) if at_step.is_file() else latest_checkpoint(run_dir)
+    if (run_dir / "config.yaml").is_file():
+        client.log_artifact(run_id, str(run_dir / "config.yaml"))
+    if ckpt and "://" not in ckpt:
+        client.log_artifact(run_id, ckpt, "checkpoints")
+    curve = learning_curve(run_dir, until=row.steps)
+    if curve is not None:
+        client.log_artifact(run_id, str(curve))
+    if ckpt and "://" not in ckpt and not (run.outputs and run.outputs.model_outputs):
+        log_run_model(uri, run_id, ckpt, step=row.steps, name=None)  # also ends the run (FINISHED)
+    client.set_terminated(run_id, status="FINISHED")
+    return "FINISHED"
+
+
+def register_best(client: Any, uri: str, spec: SweepSpec, result: SweepResult, parent_id: str) -> Any:
+    """Register the best trial's logged model as a new version of ``mtl-ray-<config name>`` (None when it has
+    none); the parent run's ``best_model`` tag names the version."""
+    best = next(r for r in result.rows if r.trial_id == result.best_trial)
+    id_file = Path(best.run_dir) / RUN_ID_FILE
+    if not id_file.is_file():
+        return None
+    run_id = id_file.read_text().strip()
+    outputs = client.get_run(run_id).outputs
+    if not (outputs and outputs.model_outputs):
+        return None
+    model_id = outputs.model_outputs[-1].model_id
+    name = registered_model_name(spec.base)
+    with contextlib.suppress(Exception):  # it exists already
+        client.create_registered_model(name)
+    source = client.get_logged_model(model_id).artifact_location
+    version = client.create_model_version(name, source, run_id=run_id, model_id=model_id,
+                                          tags={"sweep": spec.name, "trial": best.trial_id})
+    client.set_tag(parent_id, "best_model", f"models:/{name}/{version.version}")
+    return version
 
 
 def sweep(sweep_path: str, overrides: Sequence[str] = (), sweep_dir: str | None = None, *, resume: bool = False,
