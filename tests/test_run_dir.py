@@ -534,3 +534,35 @@ def test_a_checkpoint_dir_made_read_only_mid_run_stops_it_with_the_previous_chec
     assert load_checkpoint(run).step == 3
     rc, out, err = train(capsys, run, "--resume")
     assert rc == 0 and "start at step 3/6" in out, err
+
+
+def test_a_budgeted_run_prints_the_exact_command_that_continues_it(tmp_path):
+    """``optim.max_minutes`` reached: the last line is a command that, run as printed, resumes the run."""
+    run = tmp_path / "budget"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MTL_RAY_OVERRIDES")}
+    argv = ["train", *SIN, "optim.max_minutes=0.00001", "--run-dir", str(run)]  # ends after its first step
+    proc = subprocess.run([sys.executable, "-m", "mtl_ray.cli", *argv], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("budget reached at step 1/6 (optim.max_minutes=1e-05); continue with: "), last
+    command = last.split("continue with: ", 1)[1]
+    again = subprocess.run(["bash", "-c", command], env=env, capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "start at step 1/6" in again.stdout and "budget reached at step 2/6" in again.stdout, again.stdout
+
+
+def test_the_time_left_is_the_smaller_of_the_steps_left_and_the_budget_left():
+    import io
+
+    from mtl_ray.tracking.local import Progress
+
+    bar = Progress(1000, initial=0, max_minutes=1.0, stream=io.StringIO())
+    bar.t0 -= 10.0  # 10 s into the run, 10 of 1000 steps done: 990 s at this pace, but 50 s of budget left
+    assert 49.0 < bar.eta_s(10) <= 50.0
+    unbudgeted = Progress(1000, initial=0, stream=io.StringIO())
+    unbudgeted.t0 -= 10.0
+    assert 989.0 < unbudgeted.eta_s(10) < 992.0
+    bar.on_metrics(10, {})  # the line a log (no terminal) gets every `every` steps names the time left
+    assert "step 10/1000  left 0m50s" in bar.stream.getvalue() or "left 0m49s" in bar.stream.getvalue()

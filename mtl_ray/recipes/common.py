@@ -60,5 +60,5 @@ def load_run_config(path: str | None, overrides: Sequence[str], run_dir: Path | 
 
 def resume_command(program: str, config_path: str | None, overrides: Sequence[str], run_dir: Path) -> str:
     """The exact command that continues a run: the same config and overrides, ``--run-dir`` and ``--resume``."""
-    parts = [program, *([config_path] if config_path else []), *overrides, "--run-dir", str(run_dir), "--resume"]
-    return shlex.join(parts)
+    parts = [*([config_path] if config_path else []), *overrides, "--run-dir", str(run_dir), "--resume"]
+    return f"{program} {shlex.join(parts)}"  # ``program`` as typed (e.g. "mtl-ray train"), the rest shell-quoted
