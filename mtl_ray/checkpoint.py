@@ -460,11 +460,9 @@ def _expected_params(cfg: Config, ck: Checkpoint) -> dict[str, torch.Tensor]:
 def check_fits(point: ResumePoint, cfg: Config) -> None:
     """Raise :class:`CheckpointError` unless the checkpoint's weights have exactly the entries and shapes that
     ``cfg`` builds (a second guard after :func:`check_resume`, e.g. for a checkpoint of another mtl-ray version)."""
-    have, want = point.checkpoint.params, _expected_params(cfg, point.checkpoint)
-    bad = [f"{k}: checkpoint {tuple(have[k].shape) if k in have else 'missing'}, model "
-           f"{tuple(want[k].shape) if k in want else 'none'}"
-           for k in sorted(have.keys() | want.keys())
-           if k not in have or k not in want or have[k].shape != want[k].shape]
+    from mtl_ray.algorithms import check_param_shapes
+
+    bad = check_param_shapes(_expected_params(cfg, point.checkpoint), point.checkpoint.params, "checkpoint")
     if bad:
         raise CheckpointError(f"--resume: the weights in {point.path} do not fit the model this config builds "
                               f"({'; '.join(bad[:3])}{'; ...' if len(bad) > 3 else ''}); the checkpoint was written "
@@ -481,7 +479,7 @@ def init_body(cfg: Config) -> Params | None:
 
 def check_init(cfg: Config) -> list[str]:
     """Why ``model.init`` cannot start this config (empty when it can, or when it is unset)."""
-    from mtl_ray.algorithms import uses_head
+    from mtl_ray.algorithms import check_param_shapes, uses_head
     from mtl_ray.models import BODY_PREFIX, body_params, build_model
 
     if not cfg.model.init:
@@ -502,8 +500,7 @@ def check_init(cfg: Config) -> list[str]:
                 f"{size}x{size} images); set data.image_size={size}"]
     out = cfg.data.ways if uses_head(cfg.algorithm.name) else 0
     want = body_params(dict(build_model(cfg, ck.shape.x_shape, out).named_parameters()))
-    bad = [f"{k}: checkpoint {tuple(body[k].shape) if k in body else 'missing'}, model {tuple(v.shape)}"
-           for k, v in want.items() if k not in body or body[k].shape != v.shape]
+    bad = check_param_shapes(want, body, "body")
     if bad:
         return [f"model.init: its body does not fit this config's model ({'; '.join(bad[:3])}); it was written with "
                 f"{written}: use the same model settings"]

@@ -16,7 +16,7 @@ from typing import TextIO
 import torch
 
 from mtl_ray import metrics as M
-from mtl_ray.algorithms import Params, TaskShape, build_learner, linear_probe, uses_head
+from mtl_ray.algorithms import Params, TaskShape, build_learner, check_param_shapes, linear_probe, uses_head
 from mtl_ray.checkpoint import PRETRAIN_STAGE, load_checkpoint
 from mtl_ray.components import from_dict
 from mtl_ray.config import Config, ConfigError, UserError
@@ -64,8 +64,7 @@ def lake_error(cfg: Config, params: Params, shape: TaskShape, runs: list[LakeRun
 
 def check_params(expected: dict[str, torch.Tensor], params: dict[str, torch.Tensor], what: str) -> None:
     """Raise :class:`EvalError` when ``params`` do not fit the model built for this evaluation."""
-    bad = [f"{k}: checkpoint {tuple(params[k].shape) if k in params else 'missing'}, model {tuple(v.shape)}"
-           for k, v in expected.items() if k not in params or params[k].shape != v.shape]
+    bad = check_param_shapes(expected, params, "entry")
     if bad:
         raise EvalError(f"{what}: the checkpoint's weights do not fit the evaluation model ({'; '.join(bad[:3])}). "
                         f"Head-based algorithms need the same data.ways and image size as in training; "
