@@ -273,3 +273,80 @@ def test_bad_requests_get_http_4xx_naming_the_value(digits, case, changes, messa
         status, text = e.get_http_status_code(), e.message
     assert 400 <= status < 500, (status, text)
     assert re.search(message, text), text
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_command_serves_the_registered_version_over_http(sinusoid_run, tmp_path, monkeypatch):
+    """The literal command serve_command returns, typed into bash where only the venv's mlflow is named: it
+    serves the registered version from the run's store, scores a request, and writes no ./mlflow.db."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    from mlflow.tracking import MlflowClient
+
+    from mtl_ray.serving import serve_command
+    from mtl_ray.tracking.mlflow_run import log_run_model
+
+    stray_before = (Path.cwd() / "mlflow.db").exists()
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "store").mkdir()
+    client = MlflowClient(uri)
+    exp = client.create_experiment("serve", artifact_location=(tmp_path / "store" / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    ckpt = sorted((sinusoid_run / "checkpoints").glob("step_*.pt"))[-1]
+    info = log_run_model(uri, run_id, str(ckpt), step=2, name="mtl-ray-serve-test")
+    assert info.registered_model_version == 1
+    assert client.get_run(run_id).outputs.model_outputs[0].model_id == info.model_id
+
+    port = _free_port()
+    cmd = serve_command("mtl-ray-serve-test", info.registered_model_version, uri, port=port)
+    assert cmd.startswith(f"MLFLOW_TRACKING_URI={uri} PATH=") and "models:/mtl-ray-serve-test/1" in cmd
+    cwd = tmp_path / "shell"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "VIRTUAL_ENV")}
+    env["PATH"] = "/usr/bin:/bin"  # a shell where the venv is not activated
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(["bash", "-c", cmd], cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    request = {"inputs": {"support_x": [[-1.0], [0.0], [1.0], [2.0]], "support_y": [0.5, 0.0, -0.5, -1.0],
+                          "query_x": [[0.5], [1.5]]}}
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(0.5)
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(request).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as res:
+            assert res.status == 200
+            got = json.loads(res.read())["predictions"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+    x = request["inputs"]
+    want = FewShotLearner.from_checkpoint(str(ckpt)).adapt(np.array(x["support_x"], np.float32),
+                                                           np.array(x["support_y"], np.float32))
+    assert np.allclose(got, want.predict(np.array(x["query_x"], np.float32)).reshape(-1).numpy(), atol=1e-5)
+    assert not (cwd / "mlflow.db").exists() and not (cwd / "mlruns").exists()
+    assert (Path.cwd() / "mlflow.db").exists() == stray_before  # nor in the test's own current directory
