@@ -53,30 +53,28 @@ class ConfigError(UserError):
 class DataConfig:
     """Where tasks come from and their shape (N-way K-shot with Q queries per class)."""
 
-    source: str = "omniglot"
+    source: str = "omniglot"  # the task source: a name registered in mtl_ray/data/registry.py
     root: str = ""  # data directory; "" means $MTL_RAY_DATA_DIR, else ./data
     download: bool = False  # fetch missing archives from the upstream URL
-    ways: int = 5
+    ways: int = 5  # classes per task (N-way)
     shots: int = 1  # support examples per class (sinusoid: support points)
     queries: int = 15  # query examples per class (sinusoid: query points)
-    image_size: int = 28
-    # Omniglot
-    archives: tuple[str, ...] = ("images_background_small1", "images_background_small2")
-    val_alphabets: tuple[str, ...] = ("Early_Aramaic",)
-    test_alphabets: tuple[str, ...] = ("Korean", "Tagalog")
-    rotations: bool = True  # 90/180/270-degree rotations of train classes as new classes
-    # Parquet image tables (and digits): classes split by a deterministic hash of the label
-    path: str = ""
-    val_fraction: float = 0.0
-    test_fraction: float = 0.0
+    image_size: int = 28  # images are resized to image_size x image_size
+    archives: tuple[str, ...] = ("images_background_small1", "images_background_small2")  # omniglot: zips to read
+    val_alphabets: tuple[str, ...] = ("Early_Aramaic",)  # omniglot: alphabets of the val split (the rest: train)
+    test_alphabets: tuple[str, ...] = ("Korean", "Tagalog")  # omniglot: alphabets of the test split
+    rotations: bool = True  # omniglot: 90/180/270-degree rotations of train classes as new classes
+    path: str = ""  # parquet: the image table (mtl-ray data convert); relative paths also tried under data.root
+    val_fraction: float = 0.0  # parquet, digits: share of classes in val (a deterministic hash of the label)
+    test_fraction: float = 0.0  # parquet, digits: share of classes in test (same hash)
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "conv4"
-    hidden_sizes: tuple[int, ...] = (40, 40)  # mlp
+    name: str = "conv4"  # the backbone: a name registered in mtl_ray/models/registry.py
+    hidden_sizes: tuple[int, ...] = (40, 40)  # mlp: widths of the hidden layers
     channels: int = 64  # conv4 filters per block
-    blocks: int = 4
+    blocks: int = 4  # conv4: conv + batch norm + ReLU (+ pool) blocks
     downsample: str = "pool"  # "pool": 2x2 max-pool per block (Vinyals et al.); "stride": stride-2 convs
     # "folded" (first block: batch norm folded into one GEMM, others F.conv2d), "native" (F.conv2d), "im2col"
     conv_impl: str = "folded"
@@ -91,29 +89,29 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AlgorithmConfig:
-    name: str = "maml"
-    inner_lr: float = 0.4
-    inner_steps: int = 1
-    eval_inner_steps: int | None = None  # None: same as inner_steps
-    first_order: bool = False
-    # tasks per vmap call; 0 (auto): on CPU, chunks of at most ~670 28x28 images of input, on GPU the whole shard
+    name: str = "maml"  # the meta-learner: a name registered in mtl_ray/algorithms/registry.py
+    inner_lr: float = 0.4  # step size of the inner loop (Meta-SGD: its initial per-parameter rates)
+    inner_steps: int = 1  # inner-loop steps on the support set in meta-training (0 for metric learners)
+    eval_inner_steps: int | None = None  # inner steps when validating, evaluating and serving; None: inner_steps
+    first_order: bool = False  # drop the second-order terms of the meta-gradient (FOMAML)
+    # tasks per vmap call; 0 (auto): on CPU, chunks bounded by input size (algorithms.base.AUTO_CHUNK_ELEMENTS), on
+    # GPU the whole shard
     task_chunk_size: int = 0
-    # torch.compile the meta-gradient (each new task shape is checked once against eager float64; a compiled
-    # gradient less accurate than eager float32 is an error). Measured 8x faster for the sinusoid MLP. Second-order
-    # Conv4 on CPU: conv_impl=native 1.18x but 1-2% off in float32 (refused); folded, 1 inner step 1.29x (passes),
-    # 5 steps slower than eager (docs/benchmarks.md).
+    # torch.compile the meta-gradient; each new task shape is first checked against an eager float64 gradient and a
+    # compiled one less accurate than eager float32 is an error. Pays for small, dispatch-bound models; speed-ups and
+    # the check in docs/benchmarks.md ("Compiled").
     compile: bool = False
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    optimizer: str = "adam"
-    outer_lr: float = 1e-3
-    meta_batch_size: int = 32
-    steps: int = 1000
+    optimizer: str = "adam"  # outer optimiser: adam or sgd
+    outer_lr: float = 1e-3  # outer (meta) learning rate
+    meta_batch_size: int = 32  # tasks per outer step, shared out among the workers
+    steps: int = 1000  # outer steps
     grad_clip: float = 0.0  # max global norm of the meta-gradient; 0 disables
     val_every: int = 100  # meta-validate every N steps; 0 disables
-    val_tasks: int = 64
+    val_tasks: int = 64  # fixed val-split tasks per meta-validation
     max_minutes: float = 0.0  # wall-clock budget of one invocation; stops early (validated, checkpointed); 0: none
 
 
@@ -124,9 +122,9 @@ class PretrainConfig:
     num_workers: int = 2  # Ray Train data-parallel workers, each with scaling.cpus_per_worker / gpus_per_worker
     steps: int = 2000  # optimiser steps
     batch_size: int = 128  # global batch, split evenly over the workers
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    optimizer: str = "adam"  # adam or sgd
+    lr: float = 1e-3  # learning rate
+    weight_decay: float = 0.0  # decoupled weight decay (AdamW) / L2 (SGD)
     holdout: int = 2  # examples per class kept out of training to measure pretrain/val_acc
     val_every: int = 200  # measure held-out accuracy (and report to Ray Train) every N steps
     max_failures: int = 2  # worker failures Ray Train recovers from (restart from the latest checkpoint)
@@ -134,41 +132,41 @@ class PretrainConfig:
     # How `mtl-ray eval` scores a pretrained checkpoint ("pretrain-only"): a zero-initialised linear head on the
     # frozen body, fine-tuned on each support set with probe_steps full-batch gradient steps of size probe_lr.
     probe_steps: int = 100
-    probe_lr: float = 0.1
+    probe_lr: float = 0.1  # step size of the linear probe (see probe_steps)
 
 
 @dataclass(frozen=True)
 class ScalingConfig:
     num_workers: int = 0  # 0: in-process; N: N Ray worker actors
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0  # logical CPUs each worker actor (and Ray Train worker) reserves
+    gpus_per_worker: float = 0.0  # GPUs each worker reserves; > 0 runs its inner loop on cuda
     torch_threads: int = 0  # 0: torch's default
     address: str = ""  # Ray to join ("auto": the one `ray start` runs here); "": $RAY_ADDRESS, else a new local Ray
     max_restarts: int = 3  # restarts Ray grants each worker actor (a lost worker is replaced after that)
     step_timeout_s: float = 600.0  # a step whose shards are not all back by then fails with an error
     # "fp32": IEEE fp32 (CUDA's TF32 shortcut off); "tf32": allow TensorFloat-32 in CUDA convolutions/matmuls
-    # (faster, ~1e-3 per op; second-order meta-gradients measured 7-14% off on an H100); "bf16": autocast the
-    # inner/outer forward passes (weights and meta-gradients stay fp32). CPU: tf32 is fp32.
+    # (faster, less exact: docs/benchmarks.md, "GPU"); "bf16": autocast the inner/outer forward passes (weights and
+    # meta-gradients stay fp32). CPU: tf32 is fp32.
     precision: str = "fp32"
 
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    run_dir: str = "runs"
+    run_dir: str = "runs"  # where run directories go (and the default MLflow store, run_dir/mlflow.db)
     run_name: str = ""  # "" -> derived from the config name and a timestamp
-    checkpoint_every: int = 100
+    checkpoint_every: int = 100  # checkpoint every N steps (and always at the end); 0: only at the end
     checkpoint_uri: str = ""  # "" -> <run dir>/checkpoints; or a local dir / pyarrow.fs URI (s3://, gs://, ...)
-    log_every: int = 10
-    progress: bool = True
-    experiment: str = "mtl-ray"
+    log_every: int = 10  # a progress line (and an MLflow metrics batch) every N steps
+    progress: bool = True  # show progress (a bar on a terminal, lines in logs)
+    experiment: str = "mtl-ray"  # MLflow experiment
     uri: str = ""  # MLflow tracking URI; "" -> $MLFLOW_TRACKING_URI, else sqlite under tracking.run_dir
     mlflow: bool = True  # log the run to MLflow (a local store by default; no server needed)
 
 
 @dataclass(frozen=True)
 class Config:
-    name: str = "run"
-    seed: int = 0
+    name: str = "run"  # the run's name (default: the config file's stem); names run dirs and the registered model
+    seed: int = 0  # seeds the initial weights and every task: (seed, split, step, index) -> task
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)

@@ -1,10 +1,9 @@
 """Process-level tuning for compute processes (the in-process trainer and every Ray worker actor).
 
-Vectorised meta-gradients allocate and free large activations every step (one Conv4 layer-1
-activation for 32 tasks x 5 images is 32 MB). glibc serves such blocks with fresh ``mmap`` calls and
-returns them on ``free``, so each step page-faults its whole working set again. Keeping freed memory
-in the heap (``M_MMAP_MAX=0``, a high ``M_TRIM_THRESHOLD``) cut the main job's page faults from about
-4 million to 22,000 in 7 steps and made it 1.25-1.3x faster on 2 cores (docs/benchmarks.md). The cost is
+Vectorised meta-gradients allocate and free large activations every step. glibc serves such blocks
+with fresh ``mmap`` calls and returns them on ``free``, so each step page-faults its whole working set
+again. Keeping freed memory in the heap (``M_MMAP_MAX=0``, a high ``M_TRIM_THRESHOLD``) removes those
+faults (docs/benchmarks.md, "The main job: glibc's heap and task chunks", has the numbers). The cost is
 that a worker's resident memory stays at its peak.
 
 Also here: the fp32 arithmetic of CUDA convolutions and matmuls (:func:`fp32_precision`).
@@ -57,8 +56,7 @@ def fp32_precision(precision: str) -> Iterator[None]:
     """Full IEEE fp32 in CUDA convolutions and matmuls, unless ``precision == "tf32"`` (restored on exit).
 
     torch lets cuDNN convolutions use TensorFloat-32 (10-bit mantissa) by default on Ampere and
-    later. On an H100 that made Conv4's second-order MAML meta-gradient 7-14% (relative) off the
-    fp32 one in the first layer, against 2.6e-6 with IEEE fp32 (docs/benchmarks.md, GPU section).
+    later, which moves second-order meta-gradients by percents (docs/benchmarks.md, "GPU").
     No effect on CPU. Only the new ``fp32_precision`` API is used: torch rejects mixing it with the
     legacy ``allow_tf32`` flags.
     """

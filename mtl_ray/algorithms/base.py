@@ -44,11 +44,9 @@ EXTRA_PREFIX = "meta."  # non-model meta-parameters, e.g. Meta-SGD's learned inn
 # The state entry holding the support inputs ``[S, *x_shape]`` whose statistics normalise queries (norm="support").
 SUPPORT_X = "norm.support_x"
 
-# algorithm.task_chunk_size=0 (auto) on CPU: at most this many input elements per vmap call (about 670 Omniglot
-# 28x28 images), because a chunk's activations (and their second-order graph) scale with it. The main job (5-way
-# 1-shot, 15 queries per class: 80 images a task) runs in chunks of 8 tasks: peak memory 1.5 GB instead of 4.4 GB
-# for the whole meta-batch of 32 on one process, at the same or better speed (8 was at least as fast as 4, 16 and
-# 32 on 2 cores, 1 and 2 threads; docs/benchmarks.md). With 1 query per class a meta-batch of 32 stays one chunk.
+# algorithm.task_chunk_size=0 (auto) on CPU: at most this many input elements per vmap call, because a chunk's
+# activations (and their second-order graph) scale with it: bounded chunks keep a meta-batch's peak memory down at
+# the same or better speed (docs/benchmarks.md, "The main job: glibc's heap and task chunks", has the measurements).
 # GPUs take the whole shard: they want wide batches and report out-of-memory rather than swap.
 AUTO_CHUNK_ELEMENTS = 1 << 19
 

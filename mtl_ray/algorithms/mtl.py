@@ -56,8 +56,7 @@ class MTL(ANIL):
     def is_frozen(self, key: str) -> bool:
         # The head stays at its zero initialisation too. Sun et al. meta-learn it, but in N-way episodes the
         # classes are permuted at random, so its meta-gradient is zero-mean noise, which Adam turns into
-        # lr-sized steps: measured here, 40 steps of a learned head cost 9 points on held-out alphabets
-        # (84.1% vs 92.9% with the same scale/shift and the head reset to zero).
+        # lr-sized steps that cost accuracy (docs/benchmarks.md, "Meta-transfer learning").
         return key.startswith((BODY_PREFIX, HEAD_PREFIX))
 
     def modulated_body(self, params: Params) -> Params:

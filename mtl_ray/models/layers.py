@@ -1,8 +1,8 @@
 """Functional layers that behave correctly under ``torch.func.vmap(grad(...))``.
 
 Batch norm is written out by hand: torch 2.13's built-in batch norm under ``vmap(grad)`` gives a
-silently wrong second-order meta-gradient (see ../shared/notes/torch-func-facts.md, functorch issue
-534). There are no running buffers: statistics come from the input itself, from its first ``ref`` rows
+silently wrong second-order meta-gradient (docs/architecture.md, "Facts this design rests on"; functorch
+issue 534). There are no running buffers: statistics come from the input itself, from its first ``ref`` rows
 when ``ref`` is given (the support set, which the algorithms put first: ``model.norm=support``,
 docs/architecture.md "Normalisation"), else from all of its rows (``model.norm=transductive``, the
 mode of MAML's reference implementation, in which a query's output depends on the other queries).
@@ -11,10 +11,10 @@ Convolutions (``model.conv_impl``):
 
 * ``"folded"`` (default): a block whose input has few channels (the first block of an image model,
   ``C*3*3 <= STEM_MAX_PATCH``) runs as :func:`folded_block`: batch-norm statistics from the patch
-  covariance, the norm folded into the conv weights, one GEMM, max-pool over pooling phases. On Conv4
-  this block was 46% of a second-order MAML meta-batch on a 2-core CPU (bench/throughput.py, layer-1
-  ablation): its 64-channel 28x28 activations are the largest tensors, and every elementwise pass of
-  batch norm and its second-order backward over them is a full memory sweep. Wider blocks use ``F.conv2d``.
+  covariance, the norm folded into the conv weights, one GEMM, max-pool over pooling phases. The first
+  block's activations are a model's largest tensors, and every elementwise pass of batch norm and its
+  second-order backward over them is a full memory sweep (docs/benchmarks.md, "Vectorised meta-gradient
+  vs a per-task loop", has its share of a meta-batch). Wider blocks use ``F.conv2d``.
 * ``"native"``: ``F.conv2d`` and :func:`batch_norm` in every block.
 * ``"im2col"``: unfold + one batched GEMM in every block (measured slower; kept to compare).
 """

@@ -153,7 +153,7 @@ def _rel_err(a: dict, b: dict) -> float:
 def test_vmapped_meta_gradient_equals_per_task_loop_float64_with_batchnorm(name, impl, first_order, norm):
     """Conv4 (with batch norm) second order, float64: the vectorised path equals a per-task loop.
 
-    torch's built-in batch norm fails this at ~1e-3 relative (see ../shared/notes/torch-func-facts.md).
+    torch's built-in batch norm fails this at ~1e-3 relative (docs/architecture.md, "Facts this design rests on").
     """
     cfg = from_dict({"data": {"ways": 3, "shots": 2, "queries": 2, "image_size": 16},
                      "model": {"channels": 6, "conv_impl": impl, "norm": norm},

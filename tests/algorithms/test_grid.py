@@ -3,7 +3,7 @@ ordinary per-task Python loop in float64 (torch.func.vmap changes nothing but sp
 
 The grid comes from the registries and is every pair the config accepts, so a new component is checked by adding
 its registry line. A model with torch's built-in ``nn.BatchNorm2d`` (training-mode statistics) fails it: its
-second-order gradient under ``vmap`` is silently wrong (../shared/notes/torch-func-facts.md, functorch issue 534).
+second-order gradient under ``vmap`` is silently wrong (docs/architecture.md, "Facts this design rests on").
 """
 
 from __future__ import annotations
