@@ -2,7 +2,7 @@
 
 :mod:`mtl_ray.config` (layer 0) knows the config's types and the rules that need no component; it may not import
 the registries. This module sits above them (between the algorithms and the distributed layer,
-tests/test_layers.py): :func:`component_problems` checks every name choice (``data.source``, ``model.name``,
+tests/test_import_layers.py): :func:`component_problems` checks every name choice (``data.source``, ``model.name``,
 ``algorithm.name``) and every combination of capabilities, reading each component's class attributes
 (:class:`~mtl_ray.algorithms.base.FunctionalAlgorithm`, :class:`~mtl_ray.models.registry.ModelClass`,
 :class:`~mtl_ray.data.base.SourceSpec`); :func:`from_dict` and :func:`load_config` raise one
