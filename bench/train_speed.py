@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.fit(until=trainer.step + args.steps if args.steps else None)
         usage = resource.getrusage(resource.RUSAGE_SELF)  # training only: before the final validation
         faults, peak_rss_mib = usage.ru_minflt - faults, usage.ru_maxrss / 1024
-        final_val = trainer.validate()
+        final_val = trainer.meta_validate()
         trainer.close()
     print(json.dumps({
         "config": args.config, "overrides": args.overrides, "device": torch.cuda.get_device_name(0) if cuda else "cpu",

@@ -1,6 +1,6 @@
 """A rough estimate of the memory a run needs on this machine, checked before anything starts.
 
-``mtl-ray train``/``tune``/``pretrain``/``validate`` (:func:`mtl_ray.cli.check_config`) and ``mtl-ray eval``
+``mtl-ray train``/``tune``/``pretrain``/``validate`` (:func:`mtl_ray.recipes.train.check_config`) and ``mtl-ray eval``
 refuse a config whose estimate exceeds the memory available here, naming the estimate, the memory available
 and what to lower. Without it a meta-batch of 10**8 Omniglot tasks dies in a multi-TB allocation traceback
 (or, for sinusoid, grows until the kernel kills it).

@@ -153,7 +153,7 @@ class MetaTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def validate(self) -> dict[str, float]:
+    def meta_validate(self) -> dict[str, float]:
         """Mean metrics on ``optim.val_tasks`` fixed validation tasks (the same tasks every time)."""
         per_task = evaluate_tasks(self.executor, self.params, "val", self.cfg.optim.val_tasks,
                                   self.cfg.eval_inner_steps, max_shard_tasks=self.cfg.optim.meta_batch_size)
@@ -184,7 +184,7 @@ class MetaTrainer:
             budget_reached = self.step < until and time.perf_counter() >= deadline
             last = self.step == until or budget_reached
             if o.val_every and (self.step % o.val_every == 0 or last):
-                out.update(self.validate())
+                out.update(self.meta_validate())
             if last or (t.checkpoint_every and self.step % t.checkpoint_every == 0):  # always keep the final one
                 self.checkpoint()
             for cb in self.callbacks:
