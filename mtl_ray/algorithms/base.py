@@ -167,7 +167,7 @@ class FunctionalAlgorithm:
     compilable: ClassVar[bool] = True  # computes a meta-gradient that algorithm.compile can compile
     # The model class it builds instead of the model.name one (from that one's settings), and the model.name
     # values whose settings it reads; None / () when it uses the model.name model as it is.
-    model: ClassVar[type | None] = None
+    model_class: ClassVar[type | None] = None
     model_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, model: nn.Module, *, kind: TaskKind, inner_lr: float = 0.0, inner_steps: int = 0,

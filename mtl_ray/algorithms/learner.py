@@ -56,7 +56,7 @@ def build_learner(cfg: Config, source: TaskSource | None = None, shape: TaskShap
         source = build_task_source(cfg) if source is None else source
         shape = TaskShape.of(source)
     cls = algorithm_class(cfg.algorithm.name)
-    model = build_model(cfg, shape.x_shape, shape.ways if cls.uses_head else 0, cls=cls.model)
+    model = build_model(cfg, shape.x_shape, shape.ways if cls.uses_head else 0, cls=cls.model_class)
     return Learner(shape, model, build_algorithm(cfg, model, shape.kind, shape.ways), source)
 
 

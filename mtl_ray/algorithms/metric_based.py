@@ -56,7 +56,7 @@ class RelationNetwork(FunctionalAlgorithm):
     has_inner_loop = False
     supports_regression = False  # scores are per class
     accepts_init = False  # its embedding (two pooled blocks of four) has another layout than a pretrained body
-    model = RelationNet
+    model_class = RelationNet
     model_names = ("conv4",)  # RelationNet reads conv4's settings (model.channels, downsample, conv_impl)
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
