@@ -14,6 +14,7 @@ LAYER = {"config": 0, "metrics": 0, "runtime": 0, "atomic": 0, "data": 1, "model
 # from_dict/load_config; everything that builds a config from user input sits above it.
 LAYER["memory"] = 5  # mtl_ray.memory: the memory estimate, from the config, the data sizes and the chunking
 LAYER["checkpoint"] = 5  # mtl_ray.checkpoint: the checkpoint format, read by the driver, the API and the recipes
+LAYER["ray_session"] = 5  # mtl_ray.ray_session: join or start Ray (worker actors, Ray Train, Tune)
 LAYER["config_keys"] = 0  # mtl_ray.config_keys: the keys, types and docs of mtl_ray.config (`mtl-ray config show`)
 ALGORITHM_NAMES = tuple(ALGORITHMS)  # every registered algorithm.name ...
 ALGORITHM_CLASSES = tuple(cls.__name__ for cls in ALGORITHMS.values())  # ... and its class

@@ -239,7 +239,7 @@ class ReportSink(UserCallback):
 def run_pretrain(cfg: Config, run_dir: Path, *, resume: bool = False,
                  make_callbacks: Callable[[int], Sequence[Callback]] = lambda start: []) -> PretrainSummary:
     """Pretrain on Ray Train (joins or starts Ray as meta-training does) into ``run_dir``."""
-    from mtl_ray.distributed.ray_executor import connect
+    from mtl_ray.ray_session import connect
 
     s, p = cfg.scaling, cfg.pretrain
     location = checkpoint_location(run_dir, cfg.tracking.checkpoint_uri)

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +28,7 @@ from ray.exceptions import RayActorError
 from mtl_ray.algorithms import Params, ShardResult
 from mtl_ray.config import Config, UserError
 from mtl_ray.distributed.worker import ShardWorker, resolve_device
+from mtl_ray.ray_session import connect
 
 log = logging.getLogger(__name__)
 
@@ -68,81 +66,6 @@ def to_numpy(params: Params) -> dict[str, np.ndarray]:
 def from_numpy(params: dict[str, np.ndarray]) -> Params:
     # Object-store arrays are read-only views; one small copy gives the worker tensors it may own.
     return {k: torch.tensor(v) for k, v in params.items()}
-
-
-PROBE_TIMEOUT_S = 5.0
-_ADDRESS_FIX = ("expected the host:port of a running Ray cluster's head (what `ray start --head` prints), or auto "
-                "for the one `ray start` runs on this machine: start Ray there, fix the address, or set "
-                "scaling.address='' (and unset $RAY_ADDRESS) to start a local Ray")
-
-
-def _address(cfg: Config) -> tuple[str, str]:
-    """(where it came from, the address) Ray would join."""
-    if cfg.scaling.address:
-        return "scaling.address", cfg.scaling.address
-    return "$RAY_ADDRESS", os.environ.get("RAY_ADDRESS", "")
-
-
-def check_address(cfg: Config, timeout_s: float = PROBE_TIMEOUT_S) -> None:
-    """Raise :class:`UserError` when the Ray address to join (``scaling.address``, else ``$RAY_ADDRESS``) is a
-    ``host:port`` where nothing accepts a connection. Ray itself would retry such an address forever.
-
-    Only a TCP connection is tried (``auto``, ``local`` and an already connected process are left to Ray).
-    """
-    where, value = _address(cfg)
-    if ray.is_initialized() or not value or value in ("auto", "local"):
-        return
-    hostport = value.split("://", 1)[-1].split("/", 1)[0]
-    host, sep, port_text = hostport.rpartition(":")
-    if not sep:
-        host, port_text = hostport, "6379"  # Ray's default GCS port
-    host = host.strip("[]")
-    if not port_text.isdigit():
-        raise UserError(f"{where}: got {value!r}, expected host:port with a numeric port; {_ADDRESS_FIX}")
-    try:
-        with socket.create_connection((host, int(port_text)), timeout=timeout_s):
-            pass
-    except OSError as e:
-        why = f"no answer within {timeout_s:g}s" if isinstance(e, TimeoutError) else (e.strerror or str(e))
-        raise UserError(f"{where}: got {value!r}, but nothing accepts connections there ({why}); {_ADDRESS_FIX}") from e
-
-
-def connect(cfg: Config, min_cpus: float | None = None, *, dashboard: bool = False) -> bool:
-    """Join ``scaling.address`` (or $RAY_ADDRESS, e.g. inside ``ray job submit``), else start a local Ray.
-
-    A local Ray gets at least ``min_cpus`` logical CPUs (default: what the workers ask for), so
-    ``num_workers`` larger than the core count still runs on a laptop (oversubscribed) instead of
-    waiting for resources that never come. ``dashboard`` starts its state API too (Ray Train's
-    placement-group cleaner polls it). Returns True when this call started (and so owns) Ray.
-    """
-    if ray.is_initialized():
-        return False
-    s = cfg.scaling
-    if s.address or os.environ.get("RAY_ADDRESS"):
-        check_address(cfg)
-        try:
-            ray.init(address=s.address or None, log_to_driver=True)
-        except ConnectionError as e:  # e.g. address=auto with no cluster on this machine
-            where, value = _address(cfg)
-            raise UserError(f"{where}: got {value!r}, but Ray cannot join it ({' '.join(str(e).split())[:300]}); "
-                            f"{_ADDRESS_FIX}") from e
-    else:
-        need = s.num_workers * s.cpus_per_worker if min_cpus is None else min_cpus
-        cpus = max(os.cpu_count() or 1, math.ceil(need))
-        # Ray's advice that token auth is on (its default for a new local cluster), printed at every start; the
-        # warning that auth is *off* still shows.
-        logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_ON)
-        # "local": a new instance even if `ray start` left a cluster on this machine (use address=auto for that)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, log_to_driver=True)
-    return True
-
-
-class _DropTokenAuthOn(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
-
-
-_TOKEN_AUTH_ON = _DropTokenAuthOn()
 
 
 class RayExecutor:

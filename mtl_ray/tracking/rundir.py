@@ -109,7 +109,7 @@ def prepare_run(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, st
     if uses_ray is None:
         uses_ray = stage == PRETRAIN_STAGE or cfg.scaling.num_workers > 0
     if uses_ray:
-        from mtl_ray.distributed.ray_executor import check_address
+        from mtl_ray.ray_session import check_address
 
         check_address(cfg)
     try:
