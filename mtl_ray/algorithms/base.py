@@ -39,6 +39,9 @@ from mtl_ray.data.base import TaskBatch, TaskKind
 
 Params = dict[str, torch.Tensor]
 State = dict[str, torch.Tensor]
+Metrics = dict[str, torch.Tensor]  # per-task (or, vmapped, ``[T]``) metric values by key (LOSS, ACC)
+# ``(params, fixed, support_x, support_y, query_x, query_y) -> (summed meta-gradient, metrics)`` for one chunk
+ChunkGrad = Callable[..., tuple[Params, Metrics]]
 
 EXTRA_PREFIX = "meta."  # non-model meta-parameters, e.g. Meta-SGD's learned inner rates
 # The state entry holding the support inputs ``[S, *x_shape]`` whose statistics normalise queries (norm="support").
@@ -110,7 +113,8 @@ def task_metrics(kind: TaskKind, out: torch.Tensor, y: torch.Tensor, loss: torch
 
 def compile_difference(got: Params, want: Params) -> tuple[float, str]:
     """Worst per-tensor ``|got - want| / (|want| + COMPILE_FLOOR * |whole want|)`` (norms) and its key."""
-    floor = COMPILE_FLOOR * float(torch.sqrt(sum(v.double().square().sum() for v in want.values())))
+    # Python floats are IEEE doubles: the same float64 additions, in the same order, as summing the 0-d tensors.
+    floor = COMPILE_FLOOR * math.sqrt(sum(float(v.double().square().sum()) for v in want.values()))
     errs = {k: float((got[k] - want[k]).norm()) / (float(want[k].norm()) + floor + 1e-30) for k in want}
     worst = max(errs, key=errs.__getitem__)
     return errs[worst], worst
@@ -189,8 +193,8 @@ class FunctionalAlgorithm:
         self.ways = int(ways)  # the classes of a task (metric learners build one score per class)
         self.chunk_size = int(chunk_size)
         self.compile = bool(compile)
-        self._eager: Callable | None = None
-        self._compiled: Callable | None = None
+        self._eager: ChunkGrad | None = None
+        self._compiled: ChunkGrad | None = None
         self._verified: set[tuple] = set()  # input shapes whose compiled meta-gradient matched the eager one
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -252,22 +256,24 @@ class FunctionalAlgorithm:
         raise NotImplementedError
 
     def task_objective(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
-                       qy: torch.Tensor, steps: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       qy: torch.Tensor, steps: int) -> tuple[torch.Tensor, Metrics]:
         out = self.predict(params, self.adapt(params, sx, sy, steps), qx)
         loss = self.loss(out, qy)
         return loss, task_metrics(self.kind, out, qy, loss)
 
     # ---------------------------------------------------------------- batched entry points
-    def _eager_chunk_grad(self) -> Callable:
+    def _eager_chunk_grad(self) -> ChunkGrad:
         """``(params, fixed, sx, sy, qx, qy) -> (d sum of task losses / d params, metrics)`` for one chunk."""
         steps = self.inner_steps
 
-        def objective(p: Params, sx, sy, qx, qy):
+        def objective(p: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
+                      qy: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
             return self.task_objective(p, sx, sy, qx, qy, steps)
 
         per_task = vmap(objective, in_dims=(None, 0, 0, 0, 0))
 
-        def chunk_loss(p: Params, fixed: Params, sx, sy, qx, qy):
+        def chunk_loss(p: Params, fixed: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
+                       qy: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
             # d(sum of task losses)/d params is the sum of the per-task meta-gradients: one backward
             # through the vmapped tasks instead of per-task gradients that are then summed.
             losses, metrics = per_task({**fixed, **p}, sx, sy, qx, qy)
@@ -275,7 +281,7 @@ class FunctionalAlgorithm:
 
         return grad(chunk_loss, has_aux=True)
 
-    def chunk_grad(self, params: Params, fixed: Params, *task: torch.Tensor) -> tuple[Params, dict]:
+    def chunk_grad(self, params: Params, fixed: Params, *task: torch.Tensor) -> tuple[Params, Metrics]:
         """One chunk's summed meta-gradient; with ``compile`` through ``torch.compile`` (TorchInductor).
 
         Compiling removes the per-op dispatch that dominates small models (the sinusoid MLP). It does not
@@ -307,10 +313,12 @@ class FunctionalAlgorithm:
         def f64(p: Params) -> Params:
             return {k: v.double() for k, v in p.items()}
 
+        eager = self._eager
+        assert eager is not None, "chunk_grad builds the eager function before it compiles it"
         batch64 = TaskBatch(*task).to(task[0].device, torch.float64)  # labels stay integer
-        ref = self._eager(f64(params), f64(fixed), batch64.support_x, batch64.support_y, batch64.query_x,
-                          batch64.query_y)[0]
-        eager_err, _ = compile_difference(f64(self._eager(params, fixed, *task)[0]), ref)
+        ref = eager(f64(params), f64(fixed), batch64.support_x, batch64.support_y, batch64.query_x,
+                    batch64.query_y)[0]
+        eager_err, _ = compile_difference(f64(eager(params, fixed, *task)[0]), ref)
         err, worst = compile_difference(f64(got), ref)
         limit = max(COMPILE_RTOL, COMPILE_SLACK * eager_err)
         if not err <= limit:
@@ -342,7 +350,7 @@ class FunctionalAlgorithm:
         """Per-task metrics ``{name: [T]}`` after adapting each task on its support set for ``steps`` steps."""
         params = {k: v.detach() for k, v in params.items()}
 
-        def score(p: Params, sx, sy, qx, qy):
+        def score(p: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor, qy: torch.Tensor) -> Metrics:
             return self.task_objective(p, sx, sy, qx, qy, steps)[1]
 
         per_task = vmap(score, in_dims=(None, 0, 0, 0, 0))

@@ -86,10 +86,11 @@ class ANIL(MAML):
 
     def features(self, params: Params, x: torch.Tensor, state: State | None = None) -> torch.Tensor:
         """Body features ``[M, D]`` of ``x``; with an adapted ``state``, normalised as its queries are."""
-        return self.forward(self.model.body, sub(params, "body."), x, state or {}).flatten(1)
+        # get_submodule, not self.model.body: a Module's attribute is typed ``Tensor | Module``, this a Module.
+        return self.forward(self.model.get_submodule("body"), sub(params, "body."), x, state or {}).flatten(1)
 
     def head(self, head_params: Params, z: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model.head, sub(head_params, HEAD_PREFIX), (z,))
+        return functional_call(self.model.get_submodule("head"), sub(head_params, HEAD_PREFIX), (z,))
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int) -> State:
         z = self.features(params, support_x)  # computed once; the inner loop touches only the head

@@ -13,7 +13,7 @@ from mtl_ray.algorithms.base import FunctionalAlgorithm, Params
 from mtl_ray.algorithms.registry import algorithm_class
 from mtl_ray.config import Config
 from mtl_ray.data import build_task_source
-from mtl_ray.data.base import TaskSource
+from mtl_ray.data.base import TaskKind, TaskSource
 from mtl_ray.models import HEAD_PREFIX, build_model, initial_params
 
 
@@ -21,7 +21,7 @@ from mtl_ray.models import HEAD_PREFIX, build_model, initial_params
 class TaskShape:
     """What a model must fit: task kind, one input's shape and the number of outputs (ways)."""
 
-    kind: str
+    kind: TaskKind
     x_shape: tuple[int, ...]
     ways: int
 
@@ -41,7 +41,7 @@ class Learner:
     source: TaskSource | None = None
 
 
-def build_algorithm(cfg: Config, model: nn.Module, kind: str, ways: int) -> FunctionalAlgorithm:
+def build_algorithm(cfg: Config, model: nn.Module, kind: TaskKind, ways: int) -> FunctionalAlgorithm:
     """The ``algorithm.name`` algorithm over ``model`` for tasks of ``kind`` with ``ways`` classes."""
     a = cfg.algorithm
     return algorithm_class(a.name)(model, kind=kind, inner_lr=a.inner_lr, inner_steps=a.inner_steps,

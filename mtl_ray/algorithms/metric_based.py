@@ -33,7 +33,8 @@ class ProtoNet(FunctionalAlgorithm):
 
     def embed(self, params: Params, x: torch.Tensor, state: State | None = None) -> torch.Tensor:
         """Embeddings ``[M, D]`` of ``x``; with an adapted ``state``, normalised as its queries are."""
-        return self.forward(self.model.body, sub(params, "body."), x, state or {}).flatten(1)
+        # get_submodule, not self.model.body: a Module's attribute is typed ``Tensor | Module``, this a Module.
+        return self.forward(self.model.get_submodule("body"), sub(params, "body."), x, state or {}).flatten(1)
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int = 0) -> State:
         """Prototypes ``[N, D]``: the mean embedding of each class's support examples."""
@@ -64,7 +65,7 @@ class RelationNetwork(FunctionalAlgorithm):
         return F.mse_loss(out, one_hot(y, self.ways, out.dtype))
 
     def encode(self, params: Params, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model.body, sub(params, "body."), (x,))  # [M, C, s, s]
+        return functional_call(self.model.get_submodule("body"), sub(params, "body."), (x,))  # [M, C, s, s]
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int = 0) -> State:
         """Class feature maps ``[N, C, s, s]``: sums of each class's support embeddings."""
@@ -82,13 +83,15 @@ class RelationNetwork(FunctionalAlgorithm):
         support = state.get(SUPPORT_X)
         s = 0 if support is None else support.shape[0]
         x = query_x if support is None else torch.cat([support, query_x])
-        f = functional_call(self.model.body, sub(params, "body."), (x,), self.norm_kwargs(s) if s else {})
+        f = functional_call(self.model.get_submodule("body"), sub(params, "body."), (x,),
+                            self.norm_kwargs(s) if s else {})
         fc = state["class_features"]  # [N, C, s, s]
         m, n = f.shape[0], fc.shape[0]  # f: [S+Q, C, s, s]
         pairs = torch.cat([fc.unsqueeze(0).expand(m, *fc.shape), f.unsqueeze(1).expand(m, n, *f.shape[1:])],
                           dim=2).flatten(0, 1)  # [(S+Q)*N, 2C, s, s]
-        z = functional_call(self.model.relation, sub(params, "relation."), (pairs,),
+        z = functional_call(self.model.get_submodule("relation"), sub(params, "relation."), (pairs,),
                             self.norm_kwargs(s * n) if s else {})
-        z = torch.relu(functional_call(self.model.fc1, sub(params, "fc1."), (z.flatten(1),)))
-        scores = torch.sigmoid(functional_call(self.model.fc2, sub(params, "fc2."), (z,))).view(m, n)
+        z = torch.relu(functional_call(self.model.get_submodule("fc1"), sub(params, "fc1."), (z.flatten(1),)))
+        scores = torch.sigmoid(functional_call(self.model.get_submodule("fc2"), sub(params, "fc2."), (z,)))
+        scores = scores.view(m, n)
         return scores[s:]

@@ -18,6 +18,8 @@ get the paper's form on their linear layers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -39,7 +41,7 @@ class MTL(ANIL):
     SCALE = EXTRA_PREFIX + "ss.scale."
     SHIFT = EXTRA_PREFIX + "ss.shift."
 
-    def __init__(self, model: nn.Module, **kwargs):
+    def __init__(self, model: nn.Module, **kwargs: Any):  # FunctionalAlgorithm's keyword arguments
         super().__init__(model, **kwargs)
         self.layers = modulated_layers(model)
 

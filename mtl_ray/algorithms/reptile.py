@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.func import vmap
 
-from mtl_ray.algorithms.base import ShardResult, _accumulate, add_into, chunks, task_metrics
+from mtl_ray.algorithms.base import Metrics, Params, ShardResult, _accumulate, add_into, chunks, task_metrics
 from mtl_ray.algorithms.gradient import MAML
 from mtl_ray.data.base import TaskBatch
 
@@ -22,18 +22,19 @@ class Reptile(MAML):
     second_order = False  # Reptile never differentiates through the inner loop
     compilable = False  # its update is not a meta-gradient: nothing for algorithm.compile to compile
 
-    def meta_gradient(self, params, batch: TaskBatch) -> ShardResult:
+    def meta_gradient(self, params: Params, batch: TaskBatch) -> ShardResult:
         params = {k: v.detach() for k, v in params.items()}
         steps = self.inner_steps
 
-        def per_task(p, sx, sy, qx, qy):
+        def per_task(p: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
+                     qy: torch.Tensor) -> tuple[Params, Metrics]:
             phi = self.adapt(p, sx, sy, steps)
             out = self.predict(p, phi, qx)
             delta = {k: p[k] - v for k, v in self.weights(phi).items()}
             return delta, task_metrics(self.kind, out, qy, self.loss(out, qy))
 
         batched = vmap(per_task, in_dims=(None, 0, 0, 0, 0))
-        total = None
+        total: Params | None = None
         sums: dict[str, float] = {}
         with torch.no_grad():
             for start, stop in chunks(batch, self.chunk_size):
