@@ -44,8 +44,9 @@ def initial_params(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for mod in model.modules():
-            if hasattr(mod, "reset_parameters") and mod is not model:
-                mod.reset_parameters()
+            reset = getattr(mod, "reset_parameters", None)
+            if callable(reset) and mod is not model:
+                reset()
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 

@@ -132,10 +132,12 @@ class ConvBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, ref: int | None = None, ref_grad: bool = True) -> torch.Tensor:
         """``x [N, C, H, W]`` -> ``[N, O, H', W']``, normalised with the statistics of ``x[:ref]`` (None: all)."""
+        bias = self.conv.bias
+        assert bias is not None, "the conv is built with a bias (nn.Conv2d's default)"
         if self.folded:
-            return folded_block(x, self.conv.weight, self.conv.bias, self.norm.weight, self.norm.bias,
+            return folded_block(x, self.conv.weight, bias, self.norm.weight, self.norm.bias,
                                 stride=self.conv.stride[0], pool=self.pool, ref=ref, ref_grad=ref_grad)
-        x = conv2d(x, self.conv.weight, self.conv.bias, stride=self.conv.stride[0], padding=1, impl=self.impl)
+        x = conv2d(x, self.conv.weight, bias, stride=self.conv.stride[0], padding=1, impl=self.impl)
         x = batch_norm(x, self.norm.weight, self.norm.bias, ref=ref, ref_grad=ref_grad)
         # max-pool before ReLU: equal (ReLU is monotone) and the ReLU touches 4x fewer elements.
         return F.relu(F.max_pool2d(x, 2) if self.pool else x)
