@@ -462,7 +462,10 @@ def _nonfinite_problem(section: str | None, name: str, value: Any) -> str | None
 def _default(section: str | None, name: str) -> Any:
     owner = typing.get_type_hints(Config)[section] if section else Config
     f = next(f for f in dataclasses.fields(owner) if f.name == name)
-    return f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert f.default_factory is not dataclasses.MISSING, f"{name}: every Config field has a default"
+    return f.default_factory()
 
 
 def check_static(cfg: Config) -> list[str]:
