@@ -80,7 +80,7 @@ def decode_image(data: bytes, *, image_size: int, channels: int | None = 1, inve
     try:
         with warnings.catch_warnings():  # Pillow only warns between MAX_IMAGE_PIXELS and twice that: refuse those too
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))  # an ImageFile until converted below
         if img.format == "JPEG":  # decode at a reduced scale straight away when the target is small
             img.draft("RGB" if channels == 3 else "L", (image_size, image_size))
         img.load()
@@ -257,7 +257,7 @@ def read_image_table(path: str | Path, image_size: int, channels: int | None = N
         except (KeyError, ValueError) as e:
             raise DataError(f"{where}: metadata mtl_ray.image_shape got {meta.get(META_SHAPE)!r}, expected "
                             "b'C,H,W' for a raw-uint8 table; rebuild the table") from e
-        x = _raw_images(table.column("image"), shape, where)  # type: ignore[arg-type]
+        x = _raw_images(table.column("image"), shape, where)  # the len(shape) check makes it tuple[int, int, int]
         if shape[1:] != (image_size, image_size):
             x = np.stack([_resize_chw(im, image_size) for im in x]) if len(x) else x
         x = _to_channels(x, channels, where)

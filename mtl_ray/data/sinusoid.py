@@ -7,7 +7,6 @@ inputs ``x ~ U[-5, 5]``; ``shots`` support points and ``queries`` query points p
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -22,14 +21,14 @@ X_RANGE = (-5.0, 5.0)
 
 class SinusoidTaskSource:
     kind: TaskKind = "regression"
-    x_shape = (1,)
-    ways = 1
-    md5s: ClassVar[dict[str, str]] = {}
+    x_shape: tuple[int, ...] = (1,)  # annotated as TaskSource declares them: a source of any input shape
+    ways: int = 1
 
     def __init__(self, *, seed: int, shots: int, queries: int):
         self.seed = seed
         self.shots = shots
         self.queries = queries
+        self.md5s: dict[str, str] = {}  # generated tasks read no files
 
     def num_classes(self, split: str) -> int:  # infinitely many tasks; no classes to run out of
         return 0
@@ -45,9 +44,9 @@ class SinusoidTaskSource:
     def sample(self, split: str, step: int, indices: Sequence[int]) -> TaskBatch:
         xs, ys = [], []
         for i in indices:
-            amp, phase, x = self.task_params(split, step, int(i))
-            xs.append(x)
-            ys.append(amp * np.sin(x - phase))
+            amp, phase, xi = self.task_params(split, step, int(i))
+            xs.append(xi)
+            ys.append(amp * np.sin(xi - phase))
         x = torch.from_numpy(np.stack(xs)).float().unsqueeze(-1)  # [T, K+Q, 1]
         y = torch.from_numpy(np.stack(ys)).float().unsqueeze(-1)
         k = self.shots
