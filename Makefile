@@ -23,6 +23,7 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 	MTL_RAY_DATA_DIR=$${MTL_RAY_DATA_DIR:-$(DATA)} $(BIN)/pytest -q --durations=10
 
 test-fast: $(STAMP)
@@ -30,6 +31,7 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 bench: $(STAMP)
 	$(BIN)/python bench/throughput.py
