@@ -43,7 +43,7 @@ from mtl_ray.atomic import atomic_write
 from mtl_ray.checkpoint import latest_checkpoint
 from mtl_ray.config import Config
 from mtl_ray.distributed.driver import MetaTrainer
-from mtl_ray.distributed.ray_executor import connect
+from mtl_ray.ray_session import connect
 from mtl_ray.recipes.train import train as run_training
 from mtl_ray.tracking.mlflow_run import (
     RUN_ID_FILE,
@@ -95,8 +95,9 @@ def trial_run_config(spec: SweepSpec, params: Mapping[str, Any], sweep_dir: Path
 
 
 def trial_run_name(trial_id: str, params: Mapping[str, Any]) -> str:
-    """``trial 3: inner_lr=0.4 outer_lr=0.001``: the trial's number (Tune's ``<experiment>_<number>`` id) and
-    its sampled values, each under the last part of its key."""
+    """``trial 3: inner_lr=0.4 outer_lr=0.001``: the trial's number (from Tune's ``<experiment>_<number>`` id;
+    a search algorithm's own ids, e.g. Optuna's ``8eb741bc``, as they are) and its sampled values, each under the
+    last part of its key."""
     number = trial_id.rsplit("_", 1)[-1]
     number = str(int(number)) if number.isdigit() else trial_id
     values = " ".join(f"{k.rsplit('.', 1)[-1]}={_fmt(_plain_value(v))}" for k, v in params.items())

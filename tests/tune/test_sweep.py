@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,10 +44,16 @@ def _sweep(tmp_path, uri: str, **body) -> Path:
     return p
 
 
-def test_sweep_with_asha_logs_parent_and_children_and_best_config_trains(ray_cluster, mlflow_server, tmp_path):
+def test_sweep_with_asha_logs_parent_and_children_and_best_config_trains(ray_cluster, mlflow_server, tmp_path,
+                                                                         capfd):
     spec = load_sweep(_sweep(tmp_path, mlflow_server, search="optuna", max_concurrent_trials=2))
     out = io.StringIO()
     result = run_sweep(spec, tmp_path / "sweep", out=out)
+    tune_output = capfd.readouterr()
+    console = tune_output.out + tune_output.err
+    assert "tensorboard --logdir" not in console and "Checkpoint successfully created" not in console
+    headers = [line for line in console.splitlines() if "Trial name" in line and "status" in line]
+    assert headers and all("meta_val/loss" in h for h in headers[-1:]), headers  # the sweep's metric is a column
     assert len(result.rows) == 4 and all(r.status in ("DONE", "STOPPED") for r in result.rows), out.getvalue()
     assert max(r.steps for r in result.rows) == 60
     scored = [r.best for r in result.rows if r.best is not None]
@@ -62,12 +69,33 @@ def test_sweep_with_asha_logs_parent_and_children_and_best_config_trains(ray_clu
     exp = client.get_experiment_by_name("sweeps")
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
     assert len(children) == 4
+    rows = {r.trial_id: r for r in result.rows}
     for child in children:
-        assert child.info.status in ("FINISHED", "KILLED")
+        tags = child.data.tags
+        row = rows[tags["tune.trial_id"]]
+        # finished, whether it ran to the end (the winner among them) or ASHA stopped it early
+        assert child.info.status == "FINISHED", (row, child.info.status)
+        assert tags.get("tune.stopped_early", "false") == str(row.steps < 60).lower(), (row, tags)
+        assert tags["run_dir"] == row.run_dir and Path(row.run_dir).name == row.trial_id
+        assert re.fullmatch(r"trial \S+: inner_lr=\S+ outer_lr=\S+", child.info.run_name), child.info.run_name
+        assert tags["mlflow.user"] == parent.data.tags["mlflow.user"]
+        assert tags["mlflow.source.name"] == parent.data.tags["mlflow.source.name"]
         assert float(child.data.params["algorithm.inner_lr"]) > 0
         assert child.data.params["scaling.num_workers"] == "2"
         steps = [m.step for m in client.get_metric_history(child.info.run_id, M.META_VAL_LOSS)]
         assert steps and steps == sorted(steps) and steps[0] == 20
+        # its learning curve, checkpoint and model
+        assert {"config.yaml", "learning_curve.png", "checkpoints"} <= {a.path for a in
+                                                                       client.list_artifacts(child.info.run_id)}
+        ckpts = [a.path for a in client.list_artifacts(child.info.run_id, "checkpoints")]
+        assert f"checkpoints/step_{row.steps:08d}.pt" in ckpts, (row, ckpts)
+        assert child.outputs.model_outputs, row
+    # the best trial's model is registered, and the sweep says how to serve it
+    name, version = parent.data.tags["best_model"].removeprefix("models:/").split("/")
+    mv = client.get_model_version(name, version)
+    best_child = next(c for c in children if c.data.tags["tune.trial_id"] == result.best_trial)
+    assert name == "mtl-ray-sinusoid_maml" and mv.run_id == best_child.info.run_id
+    assert f"serve the best model: MLFLOW_TRACKING_URI={mlflow_server}" in out.getvalue()
 
     best = load_config(result.best_config_path, ["optim.steps=5", "scaling.num_workers=0", "tracking.mlflow=false"])
     best_row = next(r for r in result.rows if r.trial_id == result.best_trial)
@@ -137,5 +165,7 @@ def test_interrupted_sweep_resumes(tmp_path):
     out = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming sweep from" in out.stdout
+    for noise in ("tensorboard --logdir", "Checkpoint successfully created", "Token authentication is enabled"):
+        assert noise not in out.stdout + out.stderr, noise
     rows = (sweep_dir / TRIALS_CSV).read_text().splitlines()[1:]
     assert len(rows) == 3 and all(r.endswith(",40,DONE") for r in rows), rows
