@@ -51,6 +51,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.models.model import ModelInfo
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, REQUEST_LIMIT_EXCEEDED
+from mlflow.pyfunc.model import PythonModel
 from mlflow.types import ParamSchema, ParamSpec, Schema, TensorSpec
 
 import mtl_ray
@@ -172,7 +173,7 @@ def _example_text(x_shape: Sequence[int]) -> str:
             f"'query_x': float32 {_shape_text(x_shape, 'Q')}}}")
 
 
-class FewShotModel(mlflow.pyfunc.PythonModel):
+class FewShotModel(PythonModel):
     """Adapts the checkpoint's meta-learner to each request's support set and labels its queries.
 
     ``predict`` input: a dict (or a one-row DataFrame) with ``support_x [S, *x_shape]`` (float),
@@ -186,7 +187,7 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
     # this one has a tensor signature, and _unpack checks each request. MLflow's own models skip it the same way.
     _skip_type_hint_validation = True
 
-    def load_context(self, context) -> None:
+    def load_context(self, context: Any) -> None:
         self.learner = FewShotLearner.from_checkpoint(context.artifacts[CHECKPOINT_ARTIFACT], device="cpu")
 
     @classmethod
@@ -196,7 +197,9 @@ class FewShotModel(mlflow.pyfunc.PythonModel):
         model.learner = learner
         return model
 
-    def predict(self, context, model_input, params=None):
+    # Unannotated on purpose: MLflow infers a signature from predict's type hints at every log_model (and warns
+    # that Any gives none); this model has its explicit tensor signature.
+    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
         check_request_size(model_input)  # HTTP 413 beyond $MTL_RAY_MAX_REQUEST_BYTES, before any work
         shape = self.learner.shape
         support_x, support_y, query_x = self._unpack(model_input)

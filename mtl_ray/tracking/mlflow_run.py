@@ -47,7 +47,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from mtl_ray.atomic import atomic_write
 from mtl_ray.config import Config
@@ -230,7 +230,9 @@ def training_dataset(cfg: Config, md5s: Mapping[str, str]) -> Any:
     or bundles it (``code``)."""
     from mlflow.data.code_dataset_source import CodeDatasetSource
     from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource  # defined there at import (a registered source)
+
+    # defined in mlflow.data.sources when mlflow.data is imported (a registered source), so invisible to mypy
+    from mlflow.data.sources import LocalArtifactDatasetSource  # type: ignore[attr-defined]
 
     uri = data_source_uri(cfg)
     if uri is not None:
@@ -238,7 +240,8 @@ def training_dataset(cfg: Config, md5s: Mapping[str, str]) -> Any:
     else:
         code = {"sinusoid": "mtl_ray.data.sinusoid", "digits": "sklearn.datasets.load_digits"}
         source = CodeDatasetSource({"mlflow.source.name": code.get(cfg.data.source, "mtl_ray.data")})
-    return MetaDataset(source=source, name=cfg.data.source, digest=data_digest(cfg, md5s))
+    # MetaDataset implements Dataset.profile, but as a property over an abstract one: mypy reports it abstract
+    return MetaDataset(source=source, name=cfg.data.source, digest=data_digest(cfg, md5s))  # type: ignore[abstract]
 
 
 def log_training_dataset(client: Any, run_id: str, cfg: Config, md5s: Mapping[str, str]) -> None:
@@ -357,7 +360,7 @@ class MlflowRun:
     """
 
     def __init__(self, cfg: Config, run_dir: str | Path, *, resume: bool = False, parent_run_id: str | None = None,
-                 tags: Mapping[str, str] | None = None, every: int | None = None, out=None,
+                 tags: Mapping[str, str] | None = None, every: int | None = None, out: TextIO | None = None,
                  stage: str | None = None, run_name: str | None = None, system_metrics: bool = True):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -476,7 +479,8 @@ class MlflowRun:
         version of ``name`` (default :func:`registered_model_name`). ``register`` None: register unless the run
         is a sweep's trial (the sweep registers its best trial's model). Returns the ``ModelInfo`` (None when
         skipped: no run, no local checkpoint, or tracking failed)."""
-        if not checkpoint or "://" in checkpoint or self.run_id is None or self.failed is not None:
+        run_id = self.run_id
+        if not checkpoint or "://" in checkpoint or run_id is None or self.failed is not None:
             return None
         self.flush()
         self._stop_system_metrics()  # what follows is bookkeeping, not training
@@ -484,7 +488,7 @@ class MlflowRun:
         reg_name = (name or registered_model_name(self.cfg)) if register else None
         self.registered_name = reg_name
         at = final_step(self.run_dir) if step is None else step
-        return self.guard(lambda: log_run_model(self.uri, self.run_id, checkpoint, step=at, name=reg_name))
+        return self.guard(lambda: log_run_model(self.uri, run_id, checkpoint, step=at, name=reg_name))
 
     def serve_command(self, info: Any, port: int = 5001) -> str | None:
         """The shell command that serves ``info``'s registered version (None when it was not registered)."""

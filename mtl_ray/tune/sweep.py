@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
@@ -285,7 +285,7 @@ def resume_problem(sweep_dir: Path) -> str | None:
             "(the `mtl-ray tune` that started it printed it); drop --resume to start a new sweep")
 
 
-def run_sweep(spec: SweepSpec, sweep_dir: Path, *, resume: bool = False, out=sys.stdout) -> SweepResult:
+def run_sweep(spec: SweepSpec, sweep_dir: Path, *, resume: bool = False, out: TextIO = sys.stdout) -> SweepResult:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -379,6 +379,8 @@ def summarize(spec: SweepSpec, grid: Any, sweep_dir: Path) -> SweepResult:
         raise RuntimeError(f"sweep {spec.name}: no trial reported {spec.metric} ({errors}); see the trial logs "
                            f"under {sweep_dir / 'tune'}")
     best_row = max(scored, key=lambda row: sign * row.best)  # type: ignore[operator]
+    best_value = best_row.best
+    assert best_value is not None  # scored rows have one
     best_cfg = trial_config(spec, best_row.params)
     text = (f"# best of sweep {spec.name} ({spec.metric} {spec.mode} = {best_row.best:.4f}, trial "
             f"{best_row.trial_id}); train it with: mtl-ray train {BEST_CONFIG}\n"
@@ -386,7 +388,7 @@ def summarize(spec: SweepSpec, grid: Any, sweep_dir: Path) -> SweepResult:
     best_path = atomic_write(sweep_dir / BEST_CONFIG, text)
     best_ckpt = latest_checkpoint(best_row.run_dir)
     result = SweepResult(rows=rows, best_config_path=best_path, best_checkpoint=best_ckpt,
-                         best_trial=best_row.trial_id, best_metric=float(best_row.best), sweep_dir=sweep_dir)
+                         best_trial=best_row.trial_id, best_metric=float(best_value), sweep_dir=sweep_dir)
     atomic_write(sweep_dir / TRIALS_CSV, trials_csv(spec, rows))
     return result
 

@@ -10,6 +10,7 @@ NOISE = {
     "MLflow's schema upgrade": "Updating database tables",
     "alembic's migration lines": "alembic.runtime.migration",
     "MLflow's type-hint advice": "Add type hints to the `predict` method",
+    "MLflow's signature-from-type-hints attempt": "Failed to infer signature from type hint",
     "MLflow's pickled-model advice": "Passing a Python object as `python_model`",
     "MLflow's input-example line": "Validating input example against model signature",
     "MLflow's system-metrics chatter": "system metrics monitoring",
