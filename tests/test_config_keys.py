@@ -69,3 +69,19 @@ def test_version():
     proc = subprocess.run([sys.executable, "-m", "mtl_ray.cli", "--version"], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == f"mtl-ray {__version__}"
+
+
+def test_the_keys_each_component_says_it_reads_exist():
+    """What a task source or a model reads (run params log only those) names real data.* / model.* keys."""
+    from mtl_ray.algorithms.registry import ALGORITHMS
+    from mtl_ray.config import DataConfig, ModelConfig
+    from mtl_ray.data.registry import SOURCES
+    from mtl_ray.models.registry import MODELS
+
+    data_fields = {f.name for f in dataclasses.fields(DataConfig)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for name, spec in SOURCES.items():
+        assert spec.config_keys and spec.config_keys <= data_fields, (name, spec.config_keys - data_fields)
+    models = [*MODELS.values(), *(a.model_class for a in ALGORITHMS.values() if a.model_class is not None)]
+    for cls in models:
+        assert cls.config_keys and cls.config_keys <= model_fields, (cls, cls.config_keys - model_fields)

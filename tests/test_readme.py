@@ -564,8 +564,15 @@ def readme_shell(tmp_path_factory, omniglot_root, shared_data):
         if (REPO / f).is_file():
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, repo / f)
+    # The copy's .venv is this one's, seen through links, with its own install stamp: `make` in the copy must not
+    # reinstall (an editable install from the copy would repoint this environment at a directory deleted after).
     venv = REPO / ".venv" if (REPO / ".venv").is_dir() else Path(sys.executable).parents[1]
-    (repo / ".venv").symlink_to(venv)
+    (repo / ".venv").mkdir()
+    for entry in venv.iterdir():
+        if entry.name not in (".installed", "pyvenv.cfg"):
+            (repo / ".venv" / entry.name).symlink_to(entry)
+    shutil.copy2(venv / "pyvenv.cfg", repo / ".venv" / "pyvenv.cfg")
+    (repo / ".venv" / ".installed").touch()  # newer than the copied pyproject.toml
     data = base / "shared" / "data"
     for entry in shared_data.iterdir():
         if entry.name != "omniglot":
@@ -575,8 +582,8 @@ def readme_shell(tmp_path_factory, omniglot_root, shared_data):
     for entry in [*shared_data.joinpath("omniglot").iterdir(), *omniglot_root.joinpath("omniglot").iterdir()]:
         if not (data / "omniglot" / entry.name).exists():
             (data / "omniglot" / entry.name).symlink_to(entry.resolve() if entry.is_symlink() else entry)
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MTL_RAY_DATA_DIR", "MLFLOW_TRACKING_URI",
-                                                            "VIRTUAL_ENV")}
+    env = {k: v for k, v in os.environ.items() if k not in (*SHELL_OWN, "RAY_ADDRESS", "MTL_RAY_DATA_DIR",
+                                                            "MLFLOW_TRACKING_URI", "VIRTUAL_ENV")}
     home = base / "home"  # a fresh machine's: no ~/.ray token, no MLflow or pip state from earlier work
     home.mkdir()
     env.update({"MTL_RAY_OVERRIDES": SMOKE, "PYTHONUNBUFFERED": "1", "HOME": str(home)})
@@ -585,9 +592,14 @@ def readme_shell(tmp_path_factory, omniglot_root, shared_data):
     return repo, state
 
 
+# Variables bash sets itself: carried over, PWD would make `$PWD` the pytest process's directory, not the copy's.
+SHELL_OWN = ("PWD", "OLDPWD", "SHLVL", "_")
+
+
 def _run_line(repo: Path, state: Path, line: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """``line`` in bash after the earlier lines' exports; its exports are kept for the next line."""
-    script = f'source "{state}"\n{line}\nstatus=$?\nexport -p > "{state}.new"\nexit $status\n'
+    own = " ".join(SHELL_OWN)
+    script = (f'source "{state}"\n{line}\nstatus=$?\n(unset {own}; export -p) > "{state}.new"\nexit $status\n')
     proc = subprocess.run(["bash", "-c", script], cwd=repo, capture_output=True, text=True, timeout=timeout,
                           env={"PATH": os.defpath, "HOME": os.environ.get("HOME", "/tmp")}, start_new_session=True)
     if Path(f"{state}.new").is_file():
@@ -645,11 +657,19 @@ def _serve(repo: Path, state: Path, line: str, probe: str) -> str:
 SECTIONS = readme_sections(README)
 
 
+def _outside(shared_data: Path) -> dict[str, list[str]]:
+    """What the commands must not touch: this checkout's top level and the shared data's folders."""
+    return {"repo": sorted(p.name for p in REPO.iterdir()),
+            **{str(d): sorted(p.name for p in d.iterdir()) for d in shared_data.iterdir() if d.is_dir()}}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("section", [pytest.param(s, id=f"{i}-{s.title[:40]}") for i, s in enumerate(SECTIONS)])
-def test_readme_section_runs_as_typed(section: Section, readme_shell):
-    """Each line exits 0 with no traceback; the sections run in README order and share one shell session."""
+def test_readme_section_runs_as_typed(section: Section, readme_shell, shared_data):
+    """Each line exits 0 with no traceback; the sections run in README order and share one shell session, in the
+    copy: nothing lands in this checkout or in the shared data."""
     repo, state = readme_shell
+    before = _outside(shared_data)
     if section.not_run:
         for line in section.lines:  # not run here, but parsed and checked like every command
             for cmd in split_commands(line):
@@ -667,5 +687,6 @@ def test_readme_section_runs_as_typed(section: Section, readme_shell):
         text = proc.stdout + proc.stderr
         assert proc.returncode == 0, f"README line `{line}`: exit {proc.returncode}\n{text[-4000:]}"
         assert "Traceback (most recent call last)" not in text, f"README line `{line}` printed a traceback:\n{text}"
+    assert _outside(shared_data) == before, "a README command wrote outside its copy of the repository"
     assert not (repo / "mlflow.db").exists(), "a README command created ./mlflow.db (a stray MLflow store)"
     assert not (repo / "mlruns").exists(), "a README command created ./mlruns (a stray MLflow store)"

@@ -189,6 +189,9 @@ def no_cache() -> None:
     pass
 
 
+IMAGE_KEYS = frozenset({"source", "ways", "shots", "queries", "image_size"})  # what every episode source reads
+
+
 @dataclass(frozen=True)
 class SourceSpec:
     """What one ``data.source`` is and can do: its entry in :data:`mtl_ray.data.registry.SOURCES`.
@@ -204,4 +207,5 @@ class SourceSpec:
     # What data.path must name (and how to make one) when the source reads it; "": data.path is unused
     path: str = ""
     check: Callable[[DataConfig], list[str]] = no_problems  # static checks of the source's own data.* fields
+    config_keys: frozenset[str] = frozenset()  # the data.* keys it reads (the others are not logged as MLflow params)
     clear_cache: Callable[[], None] = no_cache  # forget what this process decoded or read

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from mtl_ray.config import Config
-from mtl_ray.data.base import ClassPool, LoadedSource, SourceSpec
+from mtl_ray.data.base import IMAGE_KEYS, ClassPool, LoadedSource, SourceSpec
 from mtl_ray.data.imagetable import hash_split
 
 SOURCE_NAME = "sklearn.datasets.load_digits"
@@ -75,4 +75,5 @@ def load_source(cfg: Config) -> LoadedSource:
     return LoadedSource(pools, {SOURCE_NAME: md5}, "digits", describe, fix)
 
 
-SOURCE = SourceSpec(kind="classification", images=True, load=load_source, clear_cache=load_digits_images.cache_clear)
+SOURCE = SourceSpec(kind="classification", images=True, load=load_source, clear_cache=load_digits_images.cache_clear,
+                    config_keys=IMAGE_KEYS | {"val_fraction", "test_fraction"})

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from mtl_ray.config import Config, DataConfig
-from mtl_ray.data.base import ClassPool, LoadedSource, SourceSpec
+from mtl_ray.data.base import IMAGE_KEYS, ClassPool, LoadedSource, SourceSpec
 from mtl_ray.data.fetch import DataError, data_root, ensure_file
 from mtl_ray.data.imagetable import decode_image, read_image_table, write_table
 
@@ -231,4 +231,6 @@ def clear_cache() -> None:
     _read_cache.cache_clear()
 
 
-SOURCE = SourceSpec(kind="classification", images=True, load=load_source, check=check_config, clear_cache=clear_cache)
+SOURCE = SourceSpec(kind="classification", images=True, load=load_source, check=check_config, clear_cache=clear_cache,
+                    config_keys=IMAGE_KEYS | {"root", "download", "archives", "val_alphabets", "test_alphabets",
+                                              "rotations"})

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from mtl_ray.config import Config, DataConfig
-from mtl_ray.data.base import ClassPool, LoadedSource, SourceSpec
+from mtl_ray.data.base import IMAGE_KEYS, ClassPool, LoadedSource, SourceSpec
 from mtl_ray.data.fetch import DataError, data_root, md5sum
 from mtl_ray.data.imagetable import hash_split, read_image_table
 
@@ -62,4 +62,5 @@ def load_source(cfg: Config) -> LoadedSource:
 
 SOURCE = SourceSpec(kind="classification", images=True, load=load_source,
                     path="the Parquet file to read (make one with `mtl-ray data convert IMAGE_DIR OUT.parquet`)",
-                    clear_cache=_read_table_cached.cache_clear)
+                    clear_cache=_read_table_cached.cache_clear,
+                    config_keys=IMAGE_KEYS | {"root", "path", "val_fraction", "test_fraction"})

@@ -57,4 +57,5 @@ def build(cfg: Config) -> SinusoidTaskSource:
     return SinusoidTaskSource(seed=cfg.seed, shots=cfg.data.shots, queries=cfg.data.queries)
 
 
-SOURCE = SourceSpec(kind="regression", images=False, build=build)
+SOURCE = SourceSpec(kind="regression", images=False, build=build,
+                    config_keys=frozenset({"source", "shots", "queries"}))

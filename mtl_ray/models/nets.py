@@ -23,6 +23,7 @@ class MLP(nn.Module):
     """``x [N, D] -> [N, out]``; 1-40-40-1 for sinusoid regression (Finn et al. 2017)."""
 
     image_input: ClassVar[bool] = False  # any input: images are flattened
+    config_keys: ClassVar[frozenset[str]] = frozenset({"name", "init", "hidden_sizes"})  # the model.* keys it reads
 
     @classmethod
     def from_config(cls, m: ModelConfig, x_shape: tuple[int, ...], out_features: int) -> MLP:
@@ -61,6 +62,8 @@ class Conv4(nn.Module):
     """
 
     image_input: ClassVar[bool] = True  # ``[C, S, S]`` inputs
+    config_keys: ClassVar[frozenset[str]] = frozenset({"name", "init", "channels", "blocks", "downsample", "conv_impl",
+                                                       "norm"})
 
     @classmethod
     def from_config(cls, m: ModelConfig, x_shape: tuple[int, ...], out_features: int) -> Conv4:
@@ -106,11 +109,12 @@ class RelationNet(nn.Module):
     ``relation``: two conv blocks on concatenated pairs ``[P, 128, S/4, S/4]`` -> FC(8) -> FC(1) ->
     sigmoid, giving relation scores in (0, 1).
 
-    Not a ``model.name`` choice: the relationnet algorithm builds it (``RelationNetwork.model``) from conv4's
-    settings (``model.channels``, ``model.downsample``, ``model.conv_impl``).
+    Not a ``model.name`` choice: the relationnet algorithm builds it (``RelationNetwork.model_class``) from
+    conv4's settings (``model.channels``, ``model.downsample``, ``model.conv_impl``).
     """
 
     image_input: ClassVar[bool] = True
+    config_keys: ClassVar[frozenset[str]] = frozenset({"name", "channels", "downsample", "conv_impl", "norm"})
 
     @classmethod
     def from_config(cls, m: ModelConfig, x_shape: tuple[int, ...], out_features: int) -> RelationNet:

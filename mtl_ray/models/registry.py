@@ -24,6 +24,7 @@ class ModelClass(Protocol):
     """
 
     image_input: ClassVar[bool]  # needs ``[C, S, S]`` image inputs (conv4); False: any input (mlp flattens)
+    config_keys: ClassVar[frozenset[str]]  # the model.* keys it reads (the others are not logged as MLflow params)
 
     @classmethod
     def from_config(cls, m: ModelConfig, x_shape: tuple[int, ...], out_features: int) -> nn.Module:

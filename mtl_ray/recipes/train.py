@@ -8,8 +8,6 @@ final summary. docs/runs.md describes the run directory; docs/architecture.md th
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,27 +33,6 @@ def check_config(cfg: Config) -> Config:
     return cfg
 
 
-def log_model(tracker: MlflowRun, summary: Summary) -> None:
-    """Log the final checkpoint into the run as an MLflow pyfunc few-shot model (skipped without one)."""
-    checkpoint = summary.checkpoint
-    if not checkpoint or "://" in checkpoint or tracker.run_id is None:
-        return
-    from mtl_ray.serving import log_fewshot_model
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps job logs readable
-    # MLflow's advice about a pickled python_model does not apply: the model is our own code, shipped with it.
-    logging.getLogger("mlflow.pyfunc").setLevel(logging.ERROR)
-
-    def log() -> None:
-        import mlflow
-
-        mlflow.set_tracking_uri(tracker.uri)
-        with mlflow.start_run(run_id=tracker.run_id):
-            log_fewshot_model(checkpoint)
-
-    tracker.guard(log)
-
-
 def train(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: bool = False,
           callbacks: Sequence[Callback] = (), parent_run_id: str | None = None,
           trainer_hook: Callable[[MetaTrainer], Sequence[Callback]] | None = None, model: bool = True,
@@ -65,7 +42,9 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: bool =
     A ``run_dir`` that holds an earlier run is refused unless ``resume`` continues it or ``overwrite``
     replaces it (:mod:`mtl_ray.tracking.rundir`); every check runs before anything is written.
     ``callbacks`` (and those ``trainer_hook`` builds from the trainer, e.g. Tune's reporter) get every step's
-    metrics after the local records are written. ``model`` logs the trained learner into the MLflow run.
+    metrics after the local records are written. ``model`` logs the trained learner into the MLflow run and
+    registers it as a new version of ``mtl-ray-<config name>`` (:meth:`MlflowRun.log_model`; a sweep's trials
+    leave registering to the sweep), and the closing lines say how to serve it.
     ``resume_command`` is what the closing lines tell a run that stopped at ``optim.max_minutes`` to run next.
     """
     import torch
@@ -103,12 +82,15 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: bool =
         trainer.close()
         if tracker is not None and status == "FAILED":
             tracker.finish(status=status)
-    if tracker is not None:
-        if model:
-            log_model(tracker, summary)
+    serve = None
+    if tracker is not None:  # the model first: logging it reopens the run, so it must not follow finish()
+        info = tracker.log_model(summary.checkpoint) if model else None
         tracker.finish(status=status, checkpoint=summary.checkpoint)
+        serve = tracker.serve_command(info)
     for line in summary.lines():
         print(line, file=out, flush=True)
+    if serve:
+        print(f"serve it: {serve}", file=out, flush=True)
     if summary.budget_reached:
         then = f"; continue with: {resume_command}" if resume_command else " (continue it with --resume)"
         print(f"budget reached at step {summary.step}/{cfg.optim.steps} (optim.max_minutes={cfg.optim.max_minutes:g})"

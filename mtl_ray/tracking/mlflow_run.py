@@ -14,12 +14,9 @@ Logged:
 * params: the flattened config, only the keys the run reads (:func:`run_params`). The rule: every key,
   less (1) the keys its stage never reads (``checkpoint.UNUSED_BY_STAGE``: the whole ``pretrain.*``
   section for meta-training, with or without ``model.init``, whose checkpoint's own run holds the
-  settings that made it; the meta-optimisation keys for pretraining), (2) the ``data.*`` keys of
-  other sources (sinusoid reads only source, shots and queries; the Omniglot keys only for omniglot;
-  ``data.path`` only for parquet; the split fractions for parquet and digits), (3) the ``model.*``
-  keys of other architectures (``hidden_sizes`` for the MLP; channels, blocks, downsample,
-  conv_impl and norm for conv4; relationnet builds its own conv net from channels, downsample,
-  conv_impl). A source or model this table does not know logs its whole section;
+  settings that made it; the meta-optimisation keys for pretraining), (2) the ``data.*`` keys its
+  task source does not read (``SourceSpec.config_keys``), (3) the ``model.*`` keys its model does not
+  read (the model class's ``config_keys``; the algorithm's own ``model_class`` when it has one);
 * the training data as an MLflow dataset input (context ``training``; name: the source; digest:
   from the data files' md5s; source: the data's path, or the code that makes it);
 * metrics in batches (every ``tracking.log_every`` steps and at each validation), and MLflow's system
@@ -105,21 +102,6 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 # ---------------------------------------------------------------------------- params: the keys a run reads
 
-_DATA_COMMON = frozenset({"source", "ways", "shots", "queries", "image_size"})
-DATA_KEYS_BY_SOURCE: dict[str, frozenset[str]] = {
-    "sinusoid": frozenset({"source", "shots", "queries"}),
-    "omniglot": _DATA_COMMON | {"root", "download", "archives", "val_alphabets", "test_alphabets", "rotations"},
-    "parquet": _DATA_COMMON | {"root", "path", "val_fraction", "test_fraction"},
-    "digits": _DATA_COMMON | {"val_fraction", "test_fraction"},
-}
-_CONV = frozenset({"name", "init", "channels", "downsample", "conv_impl", "norm"})
-MODEL_KEYS_BY_NAME: dict[str, frozenset[str]] = {
-    "mlp": frozenset({"name", "init", "hidden_sizes"}),
-    "conv4": _CONV | {"blocks"},
-    "relationnet": _CONV,  # algorithm.name=relationnet builds its own conv net, whatever model.name says
-}
-
-
 def _unused_by_stage(stage: str) -> frozenset[str]:
     from mtl_ray.checkpoint import UNUSED_BY_STAGE
 
@@ -129,8 +111,14 @@ def _unused_by_stage(stage: str) -> frozenset[str]:
 def run_params(cfg: Config, stage: str = "meta") -> dict[str, str]:
     """The flattened config keys the run reads (the rule is in the module docstring)."""
     unused = _unused_by_stage(stage)
-    data_keys = DATA_KEYS_BY_SOURCE.get(cfg.data.source)
-    model_keys = MODEL_KEYS_BY_NAME.get("relationnet" if cfg.algorithm.name == "relationnet" else cfg.model.name)
+    from mtl_ray.algorithms.registry import ALGORITHMS
+    from mtl_ray.data.registry import SOURCES
+    from mtl_ray.models.registry import MODELS
+
+    source, algorithm = SOURCES.get(cfg.data.source), ALGORITHMS.get(cfg.algorithm.name)
+    model = (algorithm.model_class if algorithm is not None else None) or MODELS.get(cfg.model.name)
+    data_keys = source.config_keys if source is not None else None  # the components say what they read
+    model_keys = getattr(model, "config_keys", None)
 
     def used(key: str) -> bool:
         section, _, name = key.partition(".")
@@ -338,12 +326,17 @@ def log_run_model(uri: str, run_id: str, checkpoint: str, *, step: int, name: st
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # keeps job logs readable
     _quiet_validation_line()
     previous = mlflow.get_tracking_uri() if mlflow.is_tracking_uri_set() else None
+    env = os.environ.get("MLFLOW_TRACKING_URI")  # set_tracking_uri writes it too: this process's later runs read it
     mlflow.set_tracking_uri(uri)
     try:
         return log_fewshot_model(checkpoint, run_id=run_id, step=step, registered_model_name=name)
     finally:
         if previous is not None:
             mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 # ---------------------------------------------------------------------------- the run

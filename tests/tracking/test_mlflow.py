@@ -11,10 +11,10 @@ from mlflow.tracking import MlflowClient
 
 from mtl_ray import metrics as M
 from mtl_ray.components import from_dict
+from mtl_ray.data.registry import SOURCES
 from mtl_ray.recipes.train import train as run_training
 from mtl_ray.tracking.local import read_metrics
 from mtl_ray.tracking.mlflow_run import (
-    DATA_KEYS_BY_SOURCE,
     GIT_COMMIT_TAG,
     SOURCE_NAME_TAG,
     SOURCE_TYPE_TAG,
@@ -74,7 +74,7 @@ def test_training_run_is_logged_to_the_server(mlflow_server, tmp_path):
     # params: only the sections and keys this run reads (sinusoid, MLP, meta-training)
     params = run.data.params
     assert not [k for k in params if k.startswith("pretrain.")]
-    assert {k.split(".", 1)[1] for k in params if k.startswith("data.")} == DATA_KEYS_BY_SOURCE["sinusoid"]
+    assert {k.split(".", 1)[1] for k in params if k.startswith("data.")} == SOURCES["sinusoid"].config_keys
     assert "model.hidden_sizes" in params and "model.channels" not in params
     # the training data as a dataset input
     (ds,) = run.inputs.dataset_inputs
