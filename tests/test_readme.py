@@ -619,6 +619,7 @@ def _request(repo: Path) -> bytes:
 
 def _serve(repo: Path, state: Path, line: str, probe: str) -> str:
     """Start a server line, wait until ``probe`` answers, ask it one question (a model: a few predictions), stop it."""
+    import contextlib
     import signal
     import time
     import urllib.request
@@ -627,7 +628,7 @@ def _serve(repo: Path, state: Path, line: str, probe: str) -> str:
     port = cmd[cmd.index("--port") + 1] if "--port" in cmd else "5000"
     log = state.parent / f"server-{port}.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(["bash", "-c", f'source "{state}"\nexec {line}'], cwd=repo, stdout=out,
+        proc = subprocess.Popen(["bash", "-c", f'source "{state}"\n{line}'], cwd=repo, stdout=out,
                                 stderr=subprocess.STDOUT, env={"PATH": os.defpath}, start_new_session=True)
     try:
         deadline = time.monotonic() + 180
@@ -646,12 +647,14 @@ def _serve(repo: Path, state: Path, line: str, probe: str) -> str:
         answer = json.loads(urllib.request.urlopen(req, timeout=120).read())
         assert len(answer["predictions"]) == 3 and set(answer["predictions"]) <= set("abcde"), answer
         return json.dumps(answer)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    finally:  # the server's whole process group (MLflow's server starts workers of its own)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 SECTIONS = readme_sections(README)
