@@ -16,6 +16,7 @@ import socket
 import ray
 
 from mtl_ray.config import Config, UserError
+from mtl_ray.runtime import DropMessages
 
 PROBE_TIMEOUT_S = 5.0
 _ADDRESS_FIX = ("expected the host:port of a running Ray cluster's head (what `ray start --head` prints), or auto "
@@ -84,9 +85,4 @@ def connect(cfg: Config, min_cpus: float | None = None, *, dashboard: bool = Fal
     return True
 
 
-class _DropTokenAuthOn(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
-
-
-_TOKEN_AUTH_ON = _DropTokenAuthOn()
+_TOKEN_AUTH_ON = DropMessages("Token authentication is enabled for this Ray cluster")

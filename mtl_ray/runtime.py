@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import logging
 import os
 from collections.abc import Iterator
 
@@ -70,3 +71,15 @@ def fp32_precision(precision: str) -> Iterator[None]:
     finally:
         for b, old in zip(backends, before, strict=True):
             b.fp32_precision = old
+
+
+class DropMessages(logging.Filter):
+    """A logging filter that drops the records whose message starts with one of ``prefixes`` (and only those):
+    how a library's known, harmless chatter is silenced without lowering its logger's level."""
+
+    def __init__(self, *prefixes: str):
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)

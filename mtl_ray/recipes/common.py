@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from mtl_ray.components import from_dict, load_config
+from mtl_ray.components import from_dict
 from mtl_ray.config import Config, ConfigError
 from mtl_ray.data.fetch import data_root
 from mtl_ray.tracking.rundir import CONFIG_FILE
@@ -47,15 +47,6 @@ def with_data_root(cfg: Config, recorded: Config | None = None) -> Config:
     else:
         root = data_root("")
     return cfg.replace(**{"data.root": str(root.absolute())})
-
-
-def load_run_config(path: str | None, overrides: Sequence[str], run_dir: Path | None = None, *,
-                    resume: bool = False) -> Config:
-    """Read ``path`` with ``overrides`` (every static problem at once) and resolve its data root (the
-    resumed run's when ``resume`` leaves it unset)."""
-    cfg = load_config(path, overrides)
-    recorded = recorded_config(run_dir) if resume and run_dir is not None else None
-    return with_data_root(cfg, recorded)
 
 
 def resume_command(program: str, config_path: str | None, overrides: Sequence[str], run_dir: Path) -> str:

@@ -48,6 +48,7 @@ from typing import Any, TextIO
 
 from mtl_ray.atomic import atomic_write
 from mtl_ray.config import Config
+from mtl_ray.runtime import DropMessages
 from mtl_ray.tracking.local import METRICS_FILE, read_metrics
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -282,18 +283,9 @@ def ensure_experiment(cfg: Config, run_dir: str | Path) -> tuple[Any, str]:
 # ---------------------------------------------------------------------------- the model
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, *prefixes: str):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
 # At every log_model: the INFO line as MLflow checks the input example (its failures still show), and the advice
 # against a pickled python_model, which does not apply: the model is this package's own class, shipped with it.
-_VALIDATING = _DropMessages("Validating input example against model signature",
+_VALIDATING = DropMessages("Validating input example against model signature",
                             "Passing a Python object as `python_model`")
 
 

@@ -45,6 +45,7 @@ from mtl_ray.config import Config
 from mtl_ray.distributed.driver import MetaTrainer
 from mtl_ray.ray_session import connect
 from mtl_ray.recipes.train import train as run_training
+from mtl_ray.runtime import DropMessages
 from mtl_ray.tracking.mlflow_run import (
     RUN_ID_FILE,
     ensure_experiment,
@@ -153,16 +154,7 @@ def send(report: dict[str, Any], ckpt: str | None) -> None:
         tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, *prefixes: str):
-        super().__init__()
-        self.prefixes = prefixes
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefixes)
-
-
-_CHECKPOINT_LINE = _DropMessages("Checkpoint successfully created at")
+_CHECKPOINT_LINE = DropMessages("Checkpoint successfully created at")
 
 
 def _quiet_trial() -> None:
