@@ -502,8 +502,10 @@ def test_mtl_ray_validate_accepts_every_shipped_config(omniglot_root, tmp_path, 
 # --------------------------------------------------------------------------- the README, run as typed
 
 NOT_RUN = re.compile(r"<!-- readme-test: not run: ([^>]*?) -->\s*\Z")
-# A few steps per run, a few tasks per validation, two trials per sweep: what the README says the test sets.
-SMOKE = ("optim.steps=2 optim.val_every=1 optim.val_tasks=4 optim.meta_batch_size=4 tracking.checkpoint_every=1 "
+# A few steps per run, a few tasks per validation, two trials per sweep: what the README says the test sets. One
+# validation, at the last step: with two, ASHA may stop a trial at the first, and Ray then prints the SIGTERM it
+# sends the trial as an ignored exception's traceback (a known wart of early stopping, not a failure).
+SMOKE = ("optim.steps=2 optim.val_every=2 optim.val_tasks=4 optim.meta_batch_size=4 tracking.checkpoint_every=1 "
          "tracking.log_every=1 pretrain.steps=2 pretrain.val_every=1 pretrain.batch_size=16 sweep.num_samples=2")
 SERVERS = {("ui",): "/", ("models", "serve"): "/ping", ("server",): "/"}  # mlflow subcommand -> a path that answers
 SKIP = {("make", "test"): "it is the command that runs this test (CI: bash .ci/run)"}
