@@ -681,17 +681,24 @@ def test_readme_section_runs_as_typed(section: Section, readme_shell, shared_dat
                 if cmd[0] in ("ray",):
                     check_ray(cmd[1:])
         pytest.skip(f"README says: not run: {section.not_run}")
-    for line in section.lines:
-        cmd = _program(line)
-        if tuple(cmd[:2]) in SKIP:
-            continue
-        if (probe := _serves(cmd)) is not None:
-            _serve(repo, state, line, probe)
-            continue
-        proc = _run_line(repo, state, line)
-        text = proc.stdout + proc.stderr
-        assert proc.returncode == 0, f"README line `{line}`: exit {proc.returncode}\n{text[-4000:]}"
-        assert "Traceback (most recent call last)" not in text, f"README line `{line}` printed a traceback:\n{text}"
+    head = False  # a `ray start` this section ran and has not stopped yet
+    try:
+        for line in section.lines:
+            cmd = _program(line)
+            if tuple(cmd[:2]) in SKIP:
+                continue
+            if (probe := _serves(cmd)) is not None:
+                _serve(repo, state, line, probe)
+                continue
+            head = head or cmd[:2] == ["ray", "start"]
+            proc = _run_line(repo, state, line)
+            head = head and cmd[:2] != ["ray", "stop"]
+            text = proc.stdout + proc.stderr
+            assert proc.returncode == 0, f"README line `{line}`: exit {proc.returncode}\n{text[-4000:]}"
+            assert "Traceback (most recent call last)" not in text, f"README line `{line}` printed a traceback:\n{text}"
+    finally:  # a section that failed after `ray start` must not leave its head holding the ports for the next run
+        if head:
+            _run_line(repo, state, "ray stop --force")
     assert _outside(shared_data) == before, "a README command wrote outside its copy of the repository"
     assert not (repo / "mlflow.db").exists(), "a README command created ./mlflow.db (a stray MLflow store)"
     assert not (repo / "mlruns").exists(), "a README command created ./mlruns (a stray MLflow store)"
