@@ -503,10 +503,13 @@ def test_mtl_ray_validate_accepts_every_shipped_config(omniglot_root, tmp_path, 
 
 NOT_RUN = re.compile(r"<!-- readme-test: not run: ([^>]*?) -->\s*\Z")
 # A few steps per run, a few tasks per validation, two trials per sweep: what the README says the test sets. One
-# validation, at the last step: with two, ASHA may stop a trial at the first, and Ray then prints the SIGTERM it
-# sends the trial as an ignored exception's traceback (a known wart of early stopping, not a failure).
+# validation, at the last step.
 SMOKE = ("optim.steps=2 optim.val_every=2 optim.val_tasks=4 optim.meta_batch_size=4 tracking.checkpoint_every=1 "
          "tracking.log_every=1 pretrain.steps=2 pretrain.val_every=1 pretrain.batch_size=16 sweep.num_samples=2")
+# Ray's teardown of a finished sweep's trial actors: the SIGTERM it sends one still in interpreter clean-up is
+# printed as an ignored exception (Ray's sigterm_handler raising SystemExit in a weakref callback). It follows
+# the sweep's result and changes nothing; every other traceback fails the line.
+RAY_TEARDOWN = re.compile(r"^.*Exception ignored in: <function WeakSet[^\n]*\n(?:.*\n)*?.*SystemExit: 1\n", re.M)
 SERVERS = {("ui",): "/", ("models", "serve"): "/ping", ("server",): "/"}  # mlflow subcommand -> a path that answers
 SKIP = {("make", "test"): "it is the command that runs this test (CI: bash .ci/run)"}
 
@@ -536,6 +539,15 @@ def test_readme_sections_see_markers_and_continuations():
             "```\n")
     want = [Section("A", ("make x    y=1",)), Section("A", ("ray up c.yaml",), "needs AWS")]
     assert readme_sections(text) == want
+
+
+def test_only_rays_teardown_traceback_is_set_aside():
+    teardown = ("(t pid=1) Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f>\n"
+                "(t pid=1) Traceback (most recent call last):\n(t pid=1)   File \"worker.py\", in sigterm_handler\n"
+                "(t pid=1) SystemExit: 1\n")
+    other = "Traceback (most recent call last):\n  File \"x.py\", line 1\nValueError: bad\n"
+    assert "Traceback" not in RAY_TEARDOWN.sub("", teardown)
+    assert RAY_TEARDOWN.sub("", other + teardown) == other
 
 
 def _program(line: str) -> list[str]:
@@ -695,7 +707,8 @@ def test_readme_section_runs_as_typed(section: Section, readme_shell, shared_dat
             head = head and cmd[:2] != ["ray", "stop"]
             text = proc.stdout + proc.stderr
             assert proc.returncode == 0, f"README line `{line}`: exit {proc.returncode}\n{text[-4000:]}"
-            assert "Traceback (most recent call last)" not in text, f"README line `{line}` printed a traceback:\n{text}"
+            shown = RAY_TEARDOWN.sub("", text)
+            assert "Traceback (most recent call last)" not in shown, f"README line `{line}` traceback:\n{text}"
     finally:  # a section that failed after `ray start` must not leave its head holding the ports for the next run
         if head:
             _run_line(repo, state, "ray stop --force")
