@@ -59,6 +59,10 @@ def component_problems(cfg: Config) -> list[str]:
 
     if model is not None:
         p += model.config_problems(cfg)
+        if m.dropblock and "dropblock" not in model.config_keys:  # set but never read: refuse, do not ignore
+            dropping = [n for n, cls in MODELS.items() if "dropblock" in cls.config_keys]
+            p.append(f"model.dropblock: got {m.dropblock} with model.name={m.name}, expected 0 ({m.name} has no "
+                     f"DropBlock; {', '.join(dropping)} has)")
         if source is not None and model.image_input and not source.images:
             takes_vectors = [n for n, cls in MODELS.items() if not cls.image_input]
             p.append(f"model.name: got {m.name!r} with data.source={d.source}, expected {_expected(takes_vectors)}")

@@ -65,8 +65,25 @@ class DataConfig:
     test_alphabets: tuple[str, ...] = ("Korean", "Tagalog")  # omniglot: alphabets of the test split
     rotations: bool = True  # omniglot: 90/180/270-degree rotations of train classes as new classes
     path: str = ""  # parquet: the image table (mtl-ray data convert); relative paths also tried under data.root
-    val_fraction: float = 0.0  # parquet, digits: share of classes in val (a deterministic hash of the label)
-    test_fraction: float = 0.0  # parquet, digits: share of classes in test (same hash)
+    # parquet, digits, fashion_mnist: share of classes in val (a deterministic hash of the label)
+    val_fraction: float = 0.0
+    test_fraction: float = 0.0  # parquet, digits, fashion_mnist: share of classes in test (same hash)
+    # glyphs: a folder of .ttf/.otf fonts, searched recursively (e.g. /usr/share/fonts); "": <data.root>/fonts
+    fonts: str = ""
+    # glyphs: where rendered glyph tables are cached; "": $XDG_CACHE_HOME/mtl-ray, else ~/.cache/mtl-ray
+    cache_dir: str = ""
+    scripts: tuple[str, ...] = ()  # glyphs: the scripts (writing systems) to use, e.g. [Latin, Georgian]; empty: all
+    val_scripts: tuple[str, ...] = ()  # glyphs: scripts of the val split (besides those script_val_fraction picks)
+    test_scripts: tuple[str, ...] = ()  # glyphs: scripts of the test split (besides those script_test_fraction picks)
+    script_val_fraction: float = 0.15  # glyphs: share of the other scripts in val (a deterministic hash of the name)
+    script_test_fraction: float = 0.2  # glyphs: share of the other scripts in test (same hash)
+    glyph_chars: int = 40  # glyphs: at most this many characters per script (by a hash of the code point); 0: all
+    glyph_examples: int = 20  # glyphs: examples per character (its fonts in turn, each with geometric jitter)
+    # multidomain: the task sources an episode is drawn from, one per episode (Meta-Dataset's sampling)
+    domains: tuple[str, ...] = ("omniglot", "glyphs")
+    domain_weights: tuple[float, ...] = ()  # multidomain: each domain's chance per episode (normalised); empty: uniform
+    # multidomain: domains held out: train and val never sample them, the test split samples only them (all classes)
+    test_domains: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -75,6 +92,11 @@ class ModelConfig:
     hidden_sizes: tuple[int, ...] = (40, 40)  # mlp: widths of the hidden layers
     channels: int = 64  # conv4 filters per block
     blocks: int = 4  # conv4: conv + batch norm + ReLU (+ pool) blocks
+    widths: tuple[int, ...] = (64, 160, 320, 640)  # resnet12: filters of its 4 residual blocks (Lee et al. 2019)
+    # resnet12: DropBlock rate in its last two blocks (Ghiasi et al. 2018; MetaOptNet: 0.1), 0 off; applied in
+    # `mtl-ray pretrain` only: meta-training, evaluation and serving never drop (mtl_ray/models/resnet.py)
+    dropblock: float = 0.0
+    dropblock_size: int = 5  # resnet12: DropBlock's block side (MetaOptNet: 5 at 84x84, 2 at 32x32)
     downsample: str = "pool"  # "pool": 2x2 max-pool per block (Vinyals et al.); "stride": stride-2 convs
     # "folded" (first block: batch norm folded into one GEMM, others F.conv2d), "native" (F.conv2d), "im2col"
     conv_impl: str = "folded"
@@ -94,9 +116,11 @@ class AlgorithmConfig:
     inner_steps: int = 1  # inner-loop steps on the support set in meta-training (0 for metric learners)
     eval_inner_steps: int | None = None  # inner steps when validating, evaluating and serving; None: inner_steps
     first_order: bool = False  # drop the second-order terms of the meta-gradient (FOMAML)
-    # tasks per vmap call; 0 (auto): on CPU, chunks bounded by input size (algorithms.base.AUTO_CHUNK_ELEMENTS), on
-    # GPU the whole shard
+    # tasks per vmap call; 0 (auto): as many as algorithm.chunk_memory_mb holds by mtl_ray/memory.py's per-task estimate
     task_chunk_size: int = 0
+    # memory one vmap call's tensors may take with task_chunk_size=0, in MB; 0: CPU min(1024, a quarter of the memory
+    # available per process), GPU half the device's memory (mtl_ray/memory.py); chunks change results only by rounding
+    chunk_memory_mb: int = 0
     # torch.compile the meta-gradient; each new task shape is first checked against an eager float64 gradient and a
     # compiled one less accurate than eager float32 is an error. Pays for small, dispatch-bound models; speed-ups and
     # the check in docs/benchmarks.md ("Compiled").
@@ -495,6 +519,7 @@ def check_static(cfg: Config) -> list[str]:
     if a.eval_inner_steps is not None:
         _positive(p, "algorithm.eval_inner_steps", a.eval_inner_steps, allow_zero=True)
     _positive(p, "algorithm.task_chunk_size", a.task_chunk_size, allow_zero=True)
+    _positive(p, "algorithm.chunk_memory_mb", a.chunk_memory_mb, allow_zero=True)
     _positive(p, "optim.outer_lr", o.outer_lr)
     _positive(p, "optim.meta_batch_size", o.meta_batch_size)
     _positive(p, "optim.steps", o.steps)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.train
 import ray.train.torch
@@ -51,6 +52,7 @@ from mtl_ray.data import load_source
 from mtl_ray.data.supervised import LabelledImages, batch_indices, supervised_split
 from mtl_ray.distributed.driver import Callback
 from mtl_ray.models import build_model, initial_params
+from mtl_ray.models.resnet import pretrain_drop_keys
 from mtl_ray.runtime import fp32_precision, tune_allocator
 
 EVAL_CHUNK = 512  # held-out images per forward pass (batch statistics over a mixed-class chunk, as in training)
@@ -106,6 +108,17 @@ def _held_out(model: torch.nn.Module, data: LabelledImages, rank: int, world: in
     return {M.PRETRAIN_VAL_LOSS: float(sums[0]) / n, M.PRETRAIN_VAL_ACC: float(sums[1]) / n}
 
 
+def train_forward(model: torch.nn.Module, cfg: Config, step: int, idx: np.ndarray, x: torch.Tensor) -> torch.Tensor:
+    """The training forward pass of examples ``idx`` (indices into the train split) at ``step``: ``[B, classes]``.
+
+    With ``model.dropblock`` it hands the model one DropBlock key per example, from (seed, step, example index),
+    so an example's mask is the same for any number of workers (mtl_ray/models/resnet.py).
+    """
+    if cfg.model.dropblock > 0:
+        return model(x, drop_keys=pretrain_drop_keys(cfg.seed, step, idx).to(x.device))
+    return model(x)
+
+
 def _start_state(resume_from: str) -> Checkpoint | None:
     """Ray Train's checkpoint after a worker failure, else the run dir's (``--resume``), else None."""
     reported = ray.train.get_checkpoint()
@@ -150,7 +163,7 @@ def _pretrain(cfg: Config, resume_from: str) -> None:
         idx = batch_indices(cfg.seed, step, len(train), p.batch_size)[rank::world]
         x, y = train.batch(idx)
         x, y = x.to(device), y.to(device)
-        out = model(x)
+        out = train_forward(model, cfg, step, idx, x)
         loss = F.cross_entropy(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -13,6 +13,7 @@ from torch import nn
 
 from mtl_ray.config import Config, ModelConfig
 from mtl_ray.models.nets import MLP, Conv4
+from mtl_ray.models.resnet import ResNet12
 
 
 class ModelClass(Protocol):
@@ -40,4 +41,5 @@ class ModelClass(Protocol):
 MODELS: dict[str, type[ModelClass]] = {
     "mlp": MLP,
     "conv4": Conv4,
+    "resnet12": ResNet12,
 }

@@ -36,7 +36,7 @@ def _source_of(kind: str) -> str:
 def _raw(model: str, algorithm: str, kind: str, first_order: bool) -> dict:
     return {"data": {"source": _source_of(kind), "ways": WAYS, "shots": SHOTS, "queries": QUERIES,
                      "image_size": SIZE},
-            "model": {"name": model, "channels": 3, "blocks": 2, "hidden_sizes": [5],
+            "model": {"name": model, "channels": 3, "blocks": 2, "hidden_sizes": [5], "widths": [2, 3, 3, 4],
                       "init": "any-body" if ALGORITHMS[algorithm].needs_init else ""},
             "algorithm": {"name": algorithm, "inner_steps": 2, "inner_lr": 0.3, "first_order": first_order}}
 
