@@ -17,6 +17,29 @@ from mtl_ray.config import Config, ModelConfig
 from mtl_ray.models.layers import Blocks, ConvBlock, block_output_size
 
 HEAD_PREFIX = "head."
+# conv_impl native / im2col: the first block's norm is not folded away (fitted: docs/benchmarks.md, "Memory estimate")
+UNFOLDED_BN_FACTOR = 2.0
+
+
+def conv_block_floats(c_in: int, size: int, channels: int, blocks: int, downsample: str, impl: str,
+                      pooled: int | None = None) -> tuple[float, int]:
+    """(activation floats one example keeps in a forward pass, output side) of Conv4-style blocks.
+
+    Each block keeps about two maps at conv resolution and two at its output resolution, plus the 3x3 patches
+    of an unfolded block (fitted to resident set sizes: docs/benchmarks.md, "Memory estimate").
+    """
+    pooled = blocks if pooled is None else pooled
+    floats = 0.0
+    for i in range(blocks):
+        cin = c_in if i == 0 else channels
+        down = i < pooled
+        conv_side = size if (downsample == "pool" or not down) else (size + 1) // 2
+        out_side = size // 2 if (downsample == "pool" and down) else conv_side
+        if impl == "im2col" or (impl == "folded" and cin * 9 <= 27):
+            floats += 9 * cin * conv_side**2  # the unfolded 3x3 patches
+        floats += channels * (2 * conv_side**2 + 2 * out_side**2)
+        size = out_side
+    return floats, size
 
 
 class MLP(nn.Module):
@@ -35,6 +58,11 @@ class MLP(nn.Module):
     @staticmethod
     def config_problems(cfg: Config) -> list[str]:
         return []
+
+    @staticmethod
+    def activation_floats(cfg: Config, x_shape: tuple[int, ...], out_features: int) -> tuple[float, float]:
+        """(floats a forward pass keeps per example, per task besides them): two per hidden unit, the outputs."""
+        return 2.0 * sum(cfg.model.hidden_sizes) + out_features, 0.0
 
     def __init__(self, in_features: int, hidden_sizes: tuple[int, ...], out_features: int):
         super().__init__()
@@ -79,6 +107,13 @@ class Conv4(nn.Module):
                     "pooling blocks (lower model.blocks or raise the image size)"]
         return []
 
+    @staticmethod
+    def activation_floats(cfg: Config, x_shape: tuple[int, ...], out_features: int) -> tuple[float, float]:
+        """(floats a forward pass keeps per example, per task besides them), see :func:`conv_block_floats`."""
+        m = cfg.model
+        floats, _ = conv_block_floats(x_shape[0], x_shape[-1], m.channels, m.blocks, m.downsample, m.conv_impl)
+        return floats * (1.0 if m.conv_impl == "folded" else UNFOLDED_BN_FACTOR) + out_features, 0.0
+
     def __init__(self, in_channels: int, image_size: int, out_features: int, *, channels: int = 64,
                  blocks: int = 4, downsample: str = "pool", impl: str = "folded",
                  pooled_blocks: int | None = None, flatten: bool = True):
@@ -120,6 +155,15 @@ class RelationNet(nn.Module):
     def from_config(cls, m: ModelConfig, x_shape: tuple[int, ...], out_features: int) -> RelationNet:
         """``out_features`` is ignored: the relation module scores each (query, class) pair."""
         return cls(x_shape[0], x_shape[-1], channels=m.channels, downsample=m.downsample, impl=m.conv_impl)
+
+    @staticmethod
+    def activation_floats(cfg: Config, x_shape: tuple[int, ...], out_features: int) -> tuple[float, float]:
+        """(floats per example: the embedding; per task: the relation module on every (example, class) pair)."""
+        m, d = cfg.model, cfg.data
+        body, side = conv_block_floats(x_shape[0], x_shape[-1], m.channels, 4, m.downsample, m.conv_impl, 2)
+        rel, _ = conv_block_floats(2 * m.channels, side, m.channels, 2, m.downsample, m.conv_impl)
+        pairs = d.ways * d.ways * (d.shots + d.queries)
+        return body, pairs * (rel + 2 * m.channels * side**2)
 
     def __init__(self, in_channels: int, image_size: int, *, channels: int = 64, downsample: str = "pool",
                  impl: str = "folded", hidden: int = 8):

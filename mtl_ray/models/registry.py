@@ -37,6 +37,13 @@ class ModelClass(Protocol):
         """Static problems of ``cfg`` for this model (e.g. images too small for its pooling)."""
         ...
 
+    @staticmethod
+    def activation_floats(cfg: Config, x_shape: tuple[int, ...], out_features: int) -> tuple[float, float]:
+        """(floats one forward pass keeps per example, floats per task besides them), for inputs of ``x_shape``
+        and ``out_features`` outputs: what :mod:`mtl_ray.memory` multiplies by examples, graph depth and bytes.
+        Fitted to measured peak memory (docs/benchmarks.md, "Memory estimate"); within ~30% is enough."""
+        ...
+
 
 MODELS: dict[str, type[ModelClass]] = {
     "mlp": MLP,
