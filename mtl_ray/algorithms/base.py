@@ -17,8 +17,8 @@ that query alone: the same alone, in any subset or order. ``"transductive"`` nor
 with its own statistics.
 
 Per-task work is vectorised with ``torch.func.vmap`` over tasks, in chunks of ``chunk_size`` tasks
-(0: sized to bound memory on CPU, see :func:`chunks`) so memory stays bounded; there is no Python loop
-over tasks or deep-copied models.
+(0: as many as a memory budget holds, see :func:`chunks` and :attr:`FunctionalAlgorithm.chunk_limit`) so
+memory stays bounded; there is no Python loop over tasks or deep-copied models.
 """
 
 from __future__ import annotations
@@ -47,11 +47,14 @@ EXTRA_PREFIX = "meta."  # non-model meta-parameters, e.g. Meta-SGD's learned inn
 # The state entry holding the support inputs ``[S, *x_shape]`` whose statistics normalise queries (norm="support").
 SUPPORT_X = "norm.support_x"
 
-# algorithm.task_chunk_size=0 (auto) on CPU: at most this many input elements per vmap call, because a chunk's
-# activations (and their second-order graph) scale with it: bounded chunks keep a meta-batch's peak memory down at
-# the same or better speed (docs/benchmarks.md, "The main job: glibc's heap and task chunks", has the measurements).
-# GPUs take the whole shard: they want wide batches and report out-of-memory rather than swap.
+# algorithm.task_chunk_size=0 (auto) without a memory budget (an algorithm used directly, not by a ShardWorker, which
+# sizes chunks from mtl_ray.memory's per-task estimate: chunk_limit): on CPU at most this many input elements per vmap
+# call, because a chunk's activations (and their second-order graph) scale with it: bounded chunks keep a meta-batch's
+# peak memory down at the same or better speed (docs/benchmarks.md, "The main job: glibc's heap and task chunks").
+# Other devices take the whole shard.
 AUTO_CHUNK_ELEMENTS = 1 << 19
+# ``(training, inner steps) -> most tasks per vmap call`` (0: no limit): the memory budget's automatic chunk size
+ChunkLimit = Callable[[bool, int], int]
 
 # algorithm.compile's check, against a float64 eager meta-gradient: the compiled one may be at most COMPILE_RTOL
 # (relative, per tensor) from it, or COMPILE_SLACK times as far as the float32 eager one when that is further: with
@@ -120,11 +123,18 @@ def compile_difference(got: Params, want: Params) -> tuple[float, str]:
     return errs[worst], worst
 
 
-def chunks(batch: TaskBatch, chunk_size: int) -> list[tuple[int, int]]:
+def tasks_within(budget_bytes: int, task_bytes: int) -> int:
+    """Tasks whose chunk tensors (``task_bytes`` each) fit ``budget_bytes``: at least one."""
+    return max(1, int(budget_bytes) // max(int(task_bytes), 1))
+
+
+def chunks(batch: TaskBatch, chunk_size: int, max_tasks: int = 0) -> list[tuple[int, int]]:
     """``[start, stop)`` ranges of the batch's tasks, one per ``vmap`` call: ``chunk_size`` tasks each.
 
-    ``chunk_size = 0`` (auto): on CPU, the fewest near-equal chunks whose inputs (support + query) hold at
-    most :data:`AUTO_CHUNK_ELEMENTS` elements each (at least one task per chunk); elsewhere the whole batch.
+    ``chunk_size = 0`` (auto): the fewest near-equal chunks of at most ``max_tasks`` tasks each (what a memory
+    budget holds, :func:`tasks_within`); without one (``max_tasks = 0``), on CPU the fewest near-equal chunks
+    whose inputs (support + query) hold at most :data:`AUTO_CHUNK_ELEMENTS` elements each (at least one task
+    per chunk), elsewhere the whole batch.
     """
     n = batch.num_tasks
     if chunk_size > 0:
@@ -132,7 +142,9 @@ def chunks(batch: TaskBatch, chunk_size: int) -> list[tuple[int, int]]:
     if not n:
         return []
     parts = 1
-    if batch.support_x.device.type == "cpu":
+    if max_tasks > 0:
+        parts = math.ceil(n / max_tasks)
+    elif batch.support_x.device.type == "cpu":
         per_task = (batch.support_x.numel() + batch.query_x.numel()) // n
         parts = math.ceil(n / max(1, AUTO_CHUNK_ELEMENTS // max(per_task, 1)))
     return list(itertools.pairwise(i * n // parts for i in range(parts + 1)))  # sizes differ by at most one
@@ -169,6 +181,7 @@ class FunctionalAlgorithm:
     accepts_init: ClassVar[bool] = True  # may start from a pretrained body (model.init)
     needs_init: ClassVar[bool] = False  # must start from one: model.init may not be empty
     compilable: ClassVar[bool] = True  # computes a meta-gradient that algorithm.compile can compile
+    outer_backward: ClassVar[bool] = True  # its meta-gradient differentiates through each task (what a chunk holds)
     # The model class it builds instead of the model.name one (from that one's settings), and the model.name
     # values whose settings it reads; None / () when it uses the model.name model as it is.
     model_class: ClassVar[type | None] = None
@@ -192,6 +205,9 @@ class FunctionalAlgorithm:
         self.first_order = bool(first_order) or not self.second_order
         self.ways = int(ways)  # the classes of a task (metric learners build one score per class)
         self.chunk_size = int(chunk_size)
+        # chunk_size 0: the most tasks per vmap call a memory budget holds, set by whoever knows the machine (the
+        # ShardWorker, from mtl_ray.memory); None: chunks() sizes them from the input elements
+        self.chunk_limit: ChunkLimit | None = None
         self.compile = bool(compile)
         self._eager: ChunkGrad | None = None
         self._compiled: ChunkGrad | None = None
@@ -243,6 +259,12 @@ class FunctionalAlgorithm:
 
     def init_params(self, model_params: Params) -> Params:
         return dict(model_params)
+
+    def chunks(self, batch: TaskBatch, training: bool, steps: int) -> list[tuple[int, int]]:
+        """The ``vmap`` calls for ``batch`` (:func:`chunks`): ``chunk_size`` tasks, or what :attr:`chunk_limit`
+        allows for a meta-gradient (``training``) or an evaluation with ``steps`` inner steps."""
+        limit = self.chunk_limit(training, steps) if self.chunk_size <= 0 and self.chunk_limit is not None else 0
+        return chunks(batch, self.chunk_size, limit)
 
     def is_frozen(self, key: str) -> bool:
         """Whether meta-parameter ``key`` is held fixed (no meta-gradient, never updated); none by default."""
@@ -337,7 +359,7 @@ class FunctionalAlgorithm:
         params = {k: v for k, v in params.items() if k not in fixed}
         total: Params | None = None
         sums: dict[str, float] = {}
-        for start, stop in chunks(batch, self.chunk_size):
+        for start, stop in self.chunks(batch, True, self.inner_steps):
             part = batch.slice(start, stop)
             grads, metrics = self.chunk_grad(params, fixed, part.support_x, part.support_y, part.query_x,
                                              part.query_y)
@@ -356,7 +378,7 @@ class FunctionalAlgorithm:
         per_task = vmap(score, in_dims=(None, 0, 0, 0, 0))
         parts: list[dict[str, torch.Tensor]] = []
         with torch.no_grad():  # torch.func.grad inside adapt still works: it ignores an outer no_grad
-            for start, stop in chunks(batch, self.chunk_size):
+            for start, stop in self.chunks(batch, False, steps):
                 part = batch.slice(start, stop)
                 parts.append(per_task(params, part.support_x, part.support_y, part.query_x, part.query_y))
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}

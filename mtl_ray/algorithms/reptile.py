@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.func import vmap
 
-from mtl_ray.algorithms.base import Metrics, Params, ShardResult, _accumulate, add_into, chunks, task_metrics
+from mtl_ray.algorithms.base import Metrics, Params, ShardResult, _accumulate, add_into, task_metrics
 from mtl_ray.algorithms.gradient import MAML
 from mtl_ray.data.base import TaskBatch
 
@@ -21,6 +21,7 @@ class Reptile(MAML):
     name = "reptile"
     second_order = False  # Reptile never differentiates through the inner loop
     compilable = False  # its update is not a meta-gradient: nothing for algorithm.compile to compile
+    outer_backward = False  # no backward through the tasks: a chunk holds less (mtl_ray.memory)
 
     def meta_gradient(self, params: Params, batch: TaskBatch) -> ShardResult:
         params = {k: v.detach() for k, v in params.items()}
@@ -37,7 +38,7 @@ class Reptile(MAML):
         total: Params | None = None
         sums: dict[str, float] = {}
         with torch.no_grad():
-            for start, stop in chunks(batch, self.chunk_size):
+            for start, stop in self.chunks(batch, True, steps):
                 part = batch.slice(start, stop)
                 delta, metrics = batched(params, part.support_x, part.support_y, part.query_x, part.query_y)
                 total = add_into(total, {k: d.sum(0) for k, d in delta.items()})
