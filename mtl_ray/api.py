@@ -126,7 +126,9 @@ class FewShotLearner:
         self.default_steps = cfg.pretrain.probe_steps if pretrained else cfg.eval_inner_steps
         self.shape = shape
         self.device = torch.device(device)
-        self.params = {k: v.to(self.device) for k, v in params.items()}
+        # float32 whatever the run trained in (scaling.precision=fp64 checkpoints hold float64 weights)
+        self.params = {k: v.to(self.device, torch.float32 if v.is_floating_point() else None)
+                       for k, v in params.items()}
         self.invert = invert
         self._learners: dict[tuple[int, float], tuple[Learner, Params]] = {}
 

@@ -170,7 +170,8 @@ class ScalingConfig:
     step_timeout_s: float = 600.0  # a step whose shards are not all back by then fails with an error
     # "fp32": IEEE fp32 (CUDA's TF32 shortcut off); "tf32": allow TensorFloat-32 in CUDA convolutions/matmuls
     # (faster, less exact: docs/benchmarks.md, "GPU"); "bf16": autocast the inner/outer forward passes (weights and
-    # meta-gradients stay fp32). CPU: tf32 is fp32.
+    # meta-gradients stay fp32); "fp64": float64 weights and inputs in training, validation and eval (slow; for
+    # checking numerics: the same numbers on any CPU). CPU: tf32 is fp32.
     precision: str = "fp32"
 
 
@@ -533,7 +534,7 @@ def check_static(cfg: Config) -> list[str]:
     _positive(p, "scaling.torch_threads", s.torch_threads, allow_zero=True)
     _positive(p, "scaling.max_restarts", s.max_restarts, allow_zero=True)
     _positive(p, "scaling.step_timeout_s", s.step_timeout_s)
-    _choice(p, "scaling.precision", s.precision, ("fp32", "tf32", "bf16"))
+    _choice(p, "scaling.precision", s.precision, ("fp32", "tf32", "bf16", "fp64"))
     _positive(p, "pretrain.num_workers", pt.num_workers)
     _positive(p, "pretrain.steps", pt.steps)
     _positive(p, "pretrain.batch_size", pt.batch_size)

@@ -117,6 +117,8 @@ class MetaTrainer:
                        step=ck.step, skipped_steps=ck.skipped_steps, tasks_seen=ck.tasks_seen, callbacks=callbacks)
         learner = build_learner(cfg)
         params = initial_meta_params(cfg, learner, init=init_body(cfg))  # model.init: start from pretrained weights
+        if cfg.scaling.precision == "fp64":  # the optimiser's state follows the weights' dtype
+            params = {k: v.double() for k, v in params.items()}
         return cls(cfg, executor, params=params, shape=learner.shape, run_dir=run_dir, callbacks=callbacks)
 
     # ------------------------------------------------------------------ the algorithm

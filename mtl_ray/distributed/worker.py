@@ -34,6 +34,8 @@ class ShardWorker:
         self.device = torch.device(device)
         self.learner = build_learner(self.cfg)
         self.bf16 = self.cfg.scaling.precision == "bf16"
+        # fp64: inputs and weights in float64 (None: as they come, float32)
+        self.dtype = torch.float64 if self.cfg.scaling.precision == "fp64" else None
 
     @contextlib.contextmanager
     def _numerics(self) -> Iterator[None]:
@@ -47,10 +49,10 @@ class ShardWorker:
     def _sample(self, split: str, step: int, indices: Sequence[int]) -> TaskBatch:
         source = self.learner.source
         assert source is not None, "a ShardWorker's learner is built with its task source"
-        return source.sample(split, step, indices).to(self.device)
+        return source.sample(split, step, indices).to(self.device, self.dtype)
 
     def _params(self, params: Params) -> Params:
-        return {k: torch.as_tensor(v).to(self.device) for k, v in params.items()}
+        return {k: torch.as_tensor(v).to(self.device, self.dtype) for k, v in params.items()}
 
     def meta_gradient(self, params: Params, step: int, indices: Sequence[int]) -> ShardResult:
         """Sum of meta-gradients of training tasks ``indices`` at ``step`` (grads returned on CPU)."""
