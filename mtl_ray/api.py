@@ -11,6 +11,11 @@ shape (support set + the query), so it is bit-for-bit the same alone, in any req
 trained with ``model.norm=transductive`` normalise a batch of queries with its own statistics, so their answer
 for a query depends on the other queries; predicting with them needs ``transductive=True`` in that call.
 
+Inputs are pixels as the task source reads them, floats in [0, 1] (``load_images`` makes them from files); a model
+trained with channel statistics (``data.channel_mean``/``data.channel_std``, recorded from a converted table) has
+them applied here exactly as in training, so an image gets the same answer through the API, the served model and
+``mtl-ray eval``.
+
 Classes: head unit / output ``i`` is the ``i``-th distinct label in the order of first appearance in
 ``support_y`` (as ``mtl-ray eval`` lays its tasks out: class 0's examples first), whatever the labels are
 called; :meth:`FewShotLearner.adapt_folder` takes class folders in natural order ("2" before "10").
@@ -35,6 +40,7 @@ from mtl_ray.config import Config, UserError
 from mtl_ray.data.base import to_float_images
 from mtl_ray.data.fetch import DataError
 from mtl_ray.data.imagetable import IMAGE_SUFFIXES, decode_image
+from mtl_ray.data.normalise import normalise
 from mtl_ray.runtime import fp32_precision
 
 __all__ = ["AdaptedLearner", "FewShotLearner"]
@@ -177,7 +183,15 @@ class FewShotLearner:
         if not torch.isfinite(x).all():
             raise UserError(f"{what}: got non-finite values (NaN or inf), expected finite floats; check the "
                             "preprocessing")
-        return x.to(self.device)
+        return self._normalised(x.to(self.device))
+
+    def _normalised(self, x: torch.Tensor) -> torch.Tensor:
+        """Image pixels in [0, 1] -> what the model saw in training: the run's ``data.channel_mean``/``channel_std``
+        applied as the task source applied them (:func:`mtl_ray.data.normalise.normalise`); vectors as they are."""
+        d = self.cfg.data
+        if len(self.shape.x_shape) != 3:
+            return x
+        return normalise(x, d.channel_mean, d.channel_std)
 
     def adapt(self, support_x: torch.Tensor, support_y: Sequence[Any] | torch.Tensor,
               steps: int | None = None, *, inner_lr: float | None = None) -> AdaptedLearner:
@@ -249,7 +263,8 @@ class FewShotLearner:
         return y.reshape(-1, 1).to(self.device)
 
     def load_images(self, paths: Sequence[str | Path]) -> torch.Tensor:
-        """Image files -> ``[M, C, S, S]`` floats, preprocessed as in training."""
+        """Image files -> ``[M, C, S, S]`` floats in [0, 1], decoded and resized as in training (``adapt`` and
+        ``predict`` then apply the run's channel normalisation)."""
         if isinstance(paths, str | Path) or not paths:
             raise UserError(f"paths: got {paths!r}, expected a non-empty list of image files")
         c, s = self.shape.x_shape[0], self.shape.x_shape[-1]

@@ -40,7 +40,9 @@ import torch
 from mtl_ray.algorithms import Params, TaskShape
 from mtl_ray.atomic import WriteError, atomic_write, check_writable
 from mtl_ray.components import from_dict
-from mtl_ray.config import NORM_TRANSDUCTIVE, Config, ConfigError, UserError
+from mtl_ray.config import NORM_TRANSDUCTIVE, Config, ConfigError, DataConfig, UserError
+from mtl_ray.data.normalise import IDENTITY
+from mtl_ray.data.registry import SOURCES
 
 FORMAT_VERSION = 1
 META_STAGE = "meta"  # Checkpoint.stage: what wrote it
@@ -63,7 +65,7 @@ RESUME_MAY_CHANGE: frozenset[str] = frozenset({
     "name",
     "data.root", "data.download",
     "model.init", "model.conv_impl",
-    "algorithm.task_chunk_size", "algorithm.compile",
+    "algorithm.task_chunk_size", "algorithm.chunk_memory_mb", "algorithm.compile",
     "optim.steps", "optim.max_minutes", "optim.val_every", "optim.val_tasks",
     "pretrain.steps", "pretrain.max_minutes", "pretrain.val_every", "pretrain.num_workers",
     "pretrain.max_failures", "pretrain.probe_steps", "pretrain.probe_lr",
@@ -341,10 +343,17 @@ def _parse(raw: Any, path: str) -> Checkpoint:
 
 def embedded_config(text: str) -> Config:
     """A checkpoint's config. One written before ``model.norm`` existed was trained with batch statistics, and is
-    scored with them: its missing ``model.norm`` means ``transductive``, not today's default."""
+    scored with them: its missing ``model.norm`` means ``transductive``, not today's default. One written before
+    ``data.channel_mean`` existed saw raw pixels: its missing statistics mean none (``[0.0]``/``[1.0]``), not
+    whatever its table records today."""
     raw = json.loads(text)
     if isinstance(raw, dict) and isinstance(raw.setdefault("model", {}), dict):
         raw["model"].setdefault("norm", NORM_TRANSDUCTIVE)
+    data = raw.get("data") if isinstance(raw, dict) else None
+    if isinstance(data, dict) and "channel_mean" not in data and "channel_std" not in data:
+        spec = SOURCES.get(str(data.get("source", DataConfig.source)))
+        if spec is not None and spec.load is not None:
+            data.update(channel_mean=list(IDENTITY[0]), channel_std=list(IDENTITY[1]))
     return from_dict(raw)
 
 

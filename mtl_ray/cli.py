@@ -67,13 +67,24 @@ def _parser(prog: str = "mtl-ray") -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    c = dsub.add_parser("convert", help="folder of class/xxx.png images -> Parquet image table")
-    c.add_argument("src", help="folder with one sub-folder of images per class")
+    from mtl_ray.data.converters import DEFAULT_IMAGE_SIZE, FORMATS
+
+    c = dsub.add_parser("convert", help="a dataset as published (or a folder of class/xxx.png images) -> Parquet "
+                                        "image table (layouts: docs/datasets.md)")
+    c.add_argument("src", help="the dataset's folder (--format folder: one sub-folder of images per class)")
     c.add_argument("out", help="output .parquet file")
-    c.add_argument("--image-size", type=int, default=28)
-    c.add_argument("--channels", type=int, default=1, choices=[1, 3])
-    c.add_argument("--invert", action="store_true", help="invert (dark ink on light paper -> ink high)")
-    c.add_argument("--domain", default=None, help="value for the domain column")
+    c.add_argument("--format", default="folder", choices=FORMATS,
+                   help="the layout of SRC (default folder); the benchmarks keep their published class splits")
+    c.add_argument("--image-size", type=int, default=None,
+                   help="side of the stored square images (default: " +
+                        ", ".join(f"{k} {v}" for k, v in DEFAULT_IMAGE_SIZE.items()) + ")")
+    c.add_argument("--split-from", default=None,
+                   help="folder holding the split lists when they are not inside SRC (mini-imagenet: train.csv ...; "
+                        "tiered-imagenet: class-list csvs; cifar-fs: splits/bertinetto/*.txt)")
+    c.add_argument("--channels", type=int, default=None, choices=[1, 3], help="--format folder: 1 (default) or 3")
+    c.add_argument("--invert", action="store_true", help="--format folder: invert (dark ink on light paper -> ink "
+                                                          "high)")
+    c.add_argument("--domain", default=None, help="--format folder: value for the domain column")
 
     v = sub.add_parser("validate", help="check configs and sweep files (static and data checks) and exit")
     v.add_argument("configs", nargs="+")
@@ -154,11 +165,11 @@ def _eval(args: argparse.Namespace, prog: str) -> int:
 
 
 def _data(args: argparse.Namespace, prog: str) -> int:
-    from mtl_ray.data.imagetable import convert_folder
+    from mtl_ray.data.converters import convert
 
-    out = convert_folder(args.src, args.out, image_size=args.image_size, channels=args.channels, invert=args.invert,
-                         domain=args.domain)
-    print(f"wrote {out}")
+    done = convert(args.format, args.src, args.out, image_size=args.image_size, split_from=args.split_from,
+                   channels=args.channels, invert=args.invert, domain=args.domain)
+    print(done.summary())
     return 0
 
 

@@ -26,6 +26,7 @@ from mtl_ray.config import (
     read_config_file,
     set_checked_from_dict,
 )
+from mtl_ray.data.normalise import is_identity
 from mtl_ray.data.registry import SOURCES
 from mtl_ray.models.registry import MODELS
 
@@ -52,6 +53,11 @@ def component_problems(cfg: Config) -> list[str]:
 
     if source is not None:
         p += source.check(d)
+        if source.load is None and (d.augment or not is_identity(d.channel_mean, d.channel_std)):
+            pools = [n for n, spec in SOURCES.items() if spec.load is not None]
+            p.append(f"data.augment/data.channel_mean/data.channel_std: got {d.augment!r}/{list(d.channel_mean)}/"
+                     f"{list(d.channel_std)} with data.source={d.source}, expected ''/[]/[] (they apply to the "
+                     f"episodes of {', '.join(pools)})")
         if source.path and not d.path:
             p.append(f"data.path: empty, expected {source.path} when data.source={d.source}")
     if not regression and d.ways < 2:

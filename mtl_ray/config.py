@@ -34,6 +34,7 @@ CONV_IMPLS = ("folded", "native", "im2col")
 NORM_SUPPORT = "support"  # the task's support set, fixed at adaptation: a query's answer depends on nothing else
 NORM_TRANSDUCTIVE = "transductive"  # each forward pass's own batch: a query's answer depends on the other queries
 NORMS = (NORM_SUPPORT, NORM_TRANSDUCTIVE)
+DATA_AUGMENTS = ("", "support")  # data.augment: off, or the support sets of meta-training tasks
 
 
 class UserError(ValueError):
@@ -60,6 +61,14 @@ class DataConfig:
     shots: int = 1  # support examples per class (sinusoid: support points)
     queries: int = 15  # query examples per class (sinusoid: query points)
     image_size: int = 28  # images are resized to image_size x image_size
+    # image sources: inputs become (pixel in [0, 1] - channel_mean[c]) / channel_std[c] (one value: every channel);
+    # empty: the table's recorded statistics (mtl-ray data convert), else none. A run records what it used
+    # ([0.0]/[1.0]: none), so eval, the Python API and the served model normalise alike (docs/datasets.md)
+    channel_mean: tuple[float, ...] = ()
+    channel_std: tuple[float, ...] = ()  # image sources: see channel_mean
+    # image sources: "support" augments the support sets of meta-training tasks (random resized crop, flip, colour
+    # jitter; each task's from its coordinates, mtl_ray/data/augment.py); "": off. Validation, eval never augment
+    augment: str = ""
     archives: tuple[str, ...] = ("images_background_small1", "images_background_small2")  # omniglot: zips to read
     val_alphabets: tuple[str, ...] = ("Early_Aramaic",)  # omniglot: alphabets of the val split (the rest: train)
     test_alphabets: tuple[str, ...] = ("Korean", "Tagalog")  # omniglot: alphabets of the test split
@@ -157,6 +166,9 @@ class PretrainConfig:
     # frozen body, fine-tuned on each support set with probe_steps full-batch gradient steps of size probe_lr.
     probe_steps: int = 100
     probe_lr: float = 0.1  # step size of the linear probe (see probe_steps)
+    # random resized crop, flip and colour jitter of every training image (mtl_ray/data/augment.py), drawn from
+    # (seed, step, place in the batch), on the worker's device; held-out images are never augmented
+    augment: bool = False
 
 
 @dataclass(frozen=True)
@@ -399,12 +411,13 @@ def read_yaml(path: str | Path, what: str, example: str) -> Any:
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """``cfg`` with its relative local paths (``model.init``, ``data.root``, ``data.path`` when it exists here)
-    made absolute against the current directory: for processes that run elsewhere, e.g. Tune trials, which
-    start in their own trial directory."""
+    """``cfg`` with its relative local paths (``model.init``, ``data.root``, ``data.path`` and ``data.fonts`` when
+    they exist here, ``data.cache_dir``) made absolute against the current directory: for processes that run
+    elsewhere, e.g. Tune trials, which start in their own trial directory."""
     changes: dict[str, str] = {}
     for key, value, must_exist in (("model.init", cfg.model.init, False), ("data.root", cfg.data.root, False),
-                                   ("data.path", cfg.data.path, True)):
+                                   ("data.path", cfg.data.path, True), ("data.fonts", cfg.data.fonts, True),
+                                   ("data.cache_dir", cfg.data.cache_dir, False)):
         p = Path(value).expanduser()
         if value and "://" not in value and not p.is_absolute() and (p.exists() or not must_exist):
             changes[key] = str(p.absolute())
@@ -509,6 +522,14 @@ def check_static(cfg: Config) -> list[str]:
     _positive(p, "data.shots", d.shots)
     _positive(p, "data.queries", d.queries)
     _positive(p, "data.image_size", d.image_size)
+    if d.augment not in DATA_AUGMENTS:
+        p.append(f"data.augment: got {d.augment!r}, expected 'support' (augment meta-training's support sets) or "
+                 "'' (off)")
+    if len(d.channel_mean) != len(d.channel_std):
+        p.append(f"data.channel_mean/data.channel_std: got {len(d.channel_mean)} mean(s) and {len(d.channel_std)} "
+                 "std(s), expected one of each per channel (or both empty: the table's own)")
+    if any(v <= 0 for v in d.channel_std):
+        p.append(f"data.channel_std: got {list(d.channel_std)}, expected every value > 0")
     for frac_name in ("val_fraction", "test_fraction"):
         v = getattr(d, frac_name)
         if not 0.0 <= v < 1.0:

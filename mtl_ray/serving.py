@@ -12,7 +12,8 @@ Input (``x_shape`` is the shape one example had in training: ``(C, H, W)`` for i
 Omniglot; ``(D,)`` for regression, ``(1,)`` for sinusoid):
 
   ``support_x``  float32 array ``[S, *x_shape]``: the support examples, preprocessed as in training
-                 (images: float in 0..1, ink high; :meth:`FewShotLearner.load_images` makes them from files);
+                 (images: float in 0..1, ink high; :meth:`FewShotLearner.load_images` makes them from files; the
+                 run's channel normalisation, ``data.channel_mean``/``channel_std``, is applied by the model);
   ``support_y``  array ``[S]``: one label per support example. Classification: any labels (ints or strings;
                  an object array keeps their types); regression: float targets;
   ``query_x``    float32 array ``[Q, *x_shape]``: the examples to label.

@@ -326,5 +326,6 @@ def test_every_float_field_is_covered_by_the_finite_check():
         with pytest.raises(ConfigError) as e:
             from_dict({}, [f"{section}.{name}=.nan"])
         default = getattr(getattr(Config(), section), name)
-        assert e.value.problems == [f"{section}.{name}: got nan, expected a finite number (NaN and infinity are "
+        got = "(nan,)" if isinstance(default, tuple) else "nan"  # a tuple[float, ...] field reads .nan as (nan,)
+        assert e.value.problems == [f"{section}.{name}: got {got}, expected a finite number (NaN and infinity are "
                                     f"not); e.g. the default {default!r}"]

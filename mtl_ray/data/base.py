@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mtl_ray.config import Config, DataConfig
+from mtl_ray.data.normalise import normalise
 
 Split = Literal["train", "val", "test", "all"]
 SPLITS: tuple[str, ...] = ("train", "val", "test", "all")
@@ -138,12 +139,22 @@ def to_float_images(x: np.ndarray) -> torch.Tensor:
 
 
 class PoolTaskSource:
-    """A :class:`TaskSource` over per-split :class:`ClassPool` s (Omniglot, Parquet, digits)."""
+    """A :class:`TaskSource` over per-split :class:`ClassPool` s (Omniglot, Parquet, digits).
+
+    Images leave it as ``(x / 255 - mean[c]) / std[c]`` (``channel_mean`` / ``channel_std``, the run's
+    ``data.channel_mean`` / ``data.channel_std``; empty: pixels in [0, 1]). ``augment`` (a
+    :class:`mtl_ray.data.augment.Augment`, ``data.augment=support``) transforms the support sets of the tasks that
+    :meth:`sample` is asked to augment (meta-training's, ``augment=True``), before the normalisation, with
+    parameters drawn from each task's own coordinates. ``device``: where the uint8 episodes are copied to and made
+    float (the worker sets its own, so augmentation runs batched there).
+    """
 
     kind: TaskKind = "classification"
 
     def __init__(self, pools: dict[str, ClassPool], *, seed: int, ways: int, shots: int, queries: int,
-                 md5s: dict[str, str] | None = None, name: str = "images"):
+                 md5s: dict[str, str] | None = None, name: str = "images",
+                 channel_mean: Sequence[float] = (), channel_std: Sequence[float] = (),
+                 augment: Augmenter | None = None, device: torch.device | str = "cpu"):
         self.pools = pools
         self.seed = seed
         self.ways = ways
@@ -153,6 +164,10 @@ class PoolTaskSource:
         self.name = name
         any_pool = next(p for p in pools.values() if p.images)
         self.x_shape = tuple(int(s) for s in any_pool.images[0].shape[1:])
+        self.channel_mean = tuple(float(v) for v in channel_mean)
+        self.channel_std = tuple(float(v) for v in channel_std)
+        self.augment = augment
+        self.device = torch.device(device)
 
     def num_classes(self, split: str) -> int:
         return self.pools[split].num_classes
@@ -160,13 +175,29 @@ class PoolTaskSource:
     def min_examples(self, split: str) -> int:
         return self.pools[split].min_examples
 
-    def sample(self, split: str, step: int, indices: Sequence[int]) -> TaskBatch:
+    def sample(self, split: str, step: int, indices: Sequence[int], *, augment: bool = False) -> TaskBatch:
+        """Tasks ``(seed, split, step, i)`` for ``i`` in ``indices``; ``augment``: transform their support sets with
+        :attr:`augment` (when set), each task's from its own coordinates, so a task is the same alone, in any batch
+        and on any worker."""
         pool = self.pools[split]
         parts = [pool.episode(task_rng(self.seed, split, step, int(i)), self.ways, self.shots, self.queries)
                  for i in indices]
         sx, sy, qx, qy = (np.stack([p[k] for p in parts]) for k in range(4))
-        return TaskBatch(to_float_images(sx), torch.from_numpy(sy).long(),
-                         to_float_images(qx), torch.from_numpy(qy).long())
+        support, query = self._floats(sx), self._floats(qx)
+        if augment and self.augment is not None:
+            t, n = support.shape[:2]
+            flat = support.reshape(t * n, *support.shape[2:])
+            support = self.augment.support(flat, self.seed, split, step, [int(i) for i in indices]).reshape(
+                support.shape)
+        mean, std = self.channel_mean, self.channel_std  # support and query are fresh tensors: normalised in place
+        return TaskBatch(normalise(support, mean, std, inplace=True), torch.from_numpy(sy).long(),
+                         normalise(query, mean, std, inplace=True), torch.from_numpy(qy).long())
+
+    def _floats(self, x: np.ndarray) -> torch.Tensor:
+        """uint8 episodes -> float32 in [0, 1] on :attr:`device` (copied as uint8: a quarter of the bytes)."""
+        if self.device.type == "cpu":
+            return to_float_images(x)
+        return torch.from_numpy(np.ascontiguousarray(x)).to(self.device).float().div_(255.0)
 
 
 @dataclass(frozen=True)
@@ -189,7 +220,30 @@ def no_cache() -> None:
     pass
 
 
-IMAGE_KEYS = frozenset({"source", "ways", "shots", "queries", "image_size"})  # what every episode source reads
+def gray_images(cfg: Config) -> tuple[int, ...]:
+    """One grayscale ``data.image_size`` image's shape ``(1, S, S)`` (a source's input shape unless it says)."""
+    return (1, cfg.data.image_size, cfg.data.image_size)
+
+
+def no_images(cfg: Config) -> int:
+    return 0
+
+
+def no_stats(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return (), ()
+
+
+class Augmenter(Protocol):
+    """What :class:`PoolTaskSource` needs of an augmentation (:class:`mtl_ray.data.augment.Augment`)."""
+
+    def support(self, x: torch.Tensor, seed: int, split: str, step: int, indices: Sequence[int]) -> torch.Tensor:
+        """``x [T * S, C, H, W]`` (``T = len(indices)`` tasks of ``S`` support images, float in [0, 1]) -> the same
+        shape, task ``j``'s images transformed with parameters drawn from ``(seed, split, step, indices[j])``."""
+        ...
+
+
+# what every episode source reads
+IMAGE_KEYS = frozenset({"source", "ways", "shots", "queries", "image_size", "channel_mean", "channel_std", "augment"})
 
 
 @dataclass(frozen=True)
@@ -209,3 +263,10 @@ class SourceSpec:
     check: Callable[[DataConfig], list[str]] = no_problems  # static checks of the source's own data.* fields
     config_keys: frozenset[str] = frozenset()  # the data.* keys it reads (the others are not logged as MLflow params)
     clear_cache: Callable[[], None] = no_cache  # forget what this process decoded or read
+    # What the memory estimate (mtl_ray.memory) needs before anything loads: one input's shape ``(C, S, S)`` or
+    # ``(D,)``, and how many images of that shape each process holds (uint8); 0 when none or unknown.
+    input_shape: Callable[[Config], tuple[int, ...]] = gray_images
+    count_images: Callable[[Config], int] = no_images
+    # The per-channel (mean, std) the source's data records (a Parquet table's mtl_ray.channel_mean/std), read
+    # without loading images; ((), ()) when it records none. A run records what it uses (data.channel_mean/std).
+    channel_stats: Callable[[Config], tuple[tuple[float, ...], tuple[float, ...]]] = no_stats

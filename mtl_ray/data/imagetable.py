@@ -3,6 +3,10 @@
 Columns:
   ``label``  string, the class of the image (required)
   ``domain`` string, where the image comes from, e.g. the Omniglot alphabet (optional)
+  ``split``  string, the class's split: ``train``, ``val`` or ``test``, the same on every row of a class
+             (optional; written by the converters of published benchmarks, :mod:`mtl_ray.data.converters`, so
+             their published class splits are used as published; without it ``data.source=parquet`` splits
+             classes by a hash of the label)
   ``image``  binary, one image per row (required)
 
 Schema metadata (byte-string keys and values):
@@ -12,6 +16,10 @@ Schema metadata (byte-string keys and values):
                           Pillow reads), decoded and resized on read.
   ``mtl_ray.image_shape`` ``"C,H,W"`` for ``raw-uint8`` tables.
   ``mtl_ray.source_md5``  JSON object ``{source file: md5}`` of the files the table was built from.
+  ``mtl_ray.channel_mean``, ``mtl_ray.channel_std``  JSON lists, one float per channel: the per-channel mean and
+                          standard deviation of the pixels (as values in [0, 1]) of the table's train split (of
+                          every image when it has no ``split`` column); the task source normalises inputs with
+                          them (:mod:`mtl_ray.data.normalise`). Optional.
 
 Pixel convention: uint8 with *ink high* — strokes/foreground 255, background 0 — the way the models
 see Omniglot. Black-on-white drawings (Omniglot, scanned handwriting) need inverting when decoded:
@@ -26,9 +34,10 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -38,10 +47,14 @@ from PIL import Image, UnidentifiedImageError
 from mtl_ray.atomic import atomic_write
 from mtl_ray.data.base import stable_fraction
 from mtl_ray.data.fetch import DataError
+from mtl_ray.data.normalise import channel_stats
 
 META_ENCODING = b"mtl_ray.encoding"
 META_SHAPE = b"mtl_ray.image_shape"
 META_MD5 = b"mtl_ray.source_md5"
+META_MEAN = b"mtl_ray.channel_mean"
+META_STD = b"mtl_ray.channel_std"
+TABLE_SPLITS = ("train", "val", "test")  # the values of a table's ``split`` column
 RAW = b"raw-uint8"
 ENCODED = b"encoded"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -49,17 +62,28 @@ _RGB_LIKE = {"RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"}
 _MAX_CHUNK_BYTES = 2**31 - 1  # int32 offsets of an Arrow binary array
 
 
-class ImageTable(NamedTuple):
-    """What :func:`read_image_table` returns (unpacks as ``images, domains, source_md5``).
+@dataclass(frozen=True)
+class ImageTable:
+    """What :func:`read_image_table` returns (unpacks as ``images, domains, source_md5``, as it always has).
 
     ``images[label]`` is ``[n, C, H, W]`` uint8 (read-only), labels in sorted order;
     ``domains[label]`` the label's domain ("" when the table has none);
-    ``source_md5`` the ``mtl_ray.source_md5`` metadata ({} when absent).
+    ``source_md5`` the ``mtl_ray.source_md5`` metadata ({} when absent);
+    ``splits[label]`` the label's ``split`` column value, train/val/test ({} when the table has no such column);
+    ``channel_mean`` / ``channel_std`` the recorded per-channel statistics (() when absent).
     """
 
     images: dict[str, np.ndarray]
     domains: dict[str, str]
     source_md5: dict[str, str]
+    splits: dict[str, str] = field(default_factory=dict)
+    channel_mean: tuple[float, ...] = ()
+    channel_std: tuple[float, ...] = ()
+
+    def __iter__(self) -> Iterator[Any]:
+        """``images, domains, source_md5 = read_image_table(...)``: the three fields callers unpacked before the
+        splits and statistics existed."""
+        return iter((self.images, self.domains, self.source_md5))
 
 
 # --------------------------------------------------------------------------- decoding
@@ -147,11 +171,29 @@ def _binary_column(flat: np.ndarray) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, type=pa.binary())
 
 
+def class_splits(labels: Sequence[str], splits: Sequence[str], where: str = "splits") -> dict[str, str]:
+    """``{label: split}`` from one split per row; :class:`DataError` for a value outside train/val/test or a class
+    whose rows name two splits (a class belongs to one split: its images must not be seen in another)."""
+    out: dict[str, str] = {}
+    for lab, sp in zip(labels, splits, strict=True):
+        if sp not in TABLE_SPLITS:
+            raise DataError(f"{where}: class {lab!r} has split {sp!r}, expected one of {', '.join(TABLE_SPLITS)}")
+        seen = out.setdefault(lab, sp)
+        if seen != sp:
+            raise DataError(f"{where}: class {lab!r} is in two splits ({seen!r} and {sp!r}), expected one split per "
+                            "class; fix the split lists so that each class appears in exactly one")
+    return out
+
+
 def write_table(path: str | Path, labels: Sequence[str], images_uint8: np.ndarray,
-                domains: Sequence[str] | None = None, source_md5: Mapping[str, str] | None = None) -> Path:
+                domains: Sequence[str] | None = None, source_md5: Mapping[str, str] | None = None,
+                splits: Sequence[str] | None = None, stats: tuple[Sequence[float], Sequence[float]] | None = None,
+                ) -> Path:
     """Write ``images_uint8 [N, C, H, W]`` (uint8, ink high) with their labels as a raw-uint8 table.
 
-    The file appears atomically: it is written to a temp file in the same directory and renamed.
+    ``splits``: one of train/val/test per row (the ``split`` column; a class in one split only). ``stats``:
+    ``(channel_mean [C], channel_std [C])`` to record (see :func:`table_stats`). The file appears atomically: it is
+    written to a temp file in the same directory and renamed.
     """
     path = Path(path)
     x = np.asarray(images_uint8)
@@ -162,15 +204,53 @@ def write_table(path: str | Path, labels: Sequence[str], images_uint8: np.ndarra
         raise DataError(f"labels: got {len(labels)}, expected one per image ({n})")
     if domains is not None and len(domains) != n:
         raise DataError(f"domains: got {len(domains)}, expected one per image ({n})")
+    if splits is not None:
+        if len(splits) != n:
+            raise DataError(f"splits: got {len(splits)}, expected one per image ({n})")
+        class_splits([str(v) for v in labels], [str(v) for v in splits])
     cols: dict[str, pa.Array | pa.ChunkedArray] = {"label": pa.array([str(v) for v in labels], pa.string())}
     if domains is not None:
         cols["domain"] = pa.array([str(v) for v in domains], pa.string())
+    if splits is not None:
+        cols["split"] = pa.array([str(v) for v in splits], pa.string())
     cols["image"] = _binary_column(x.reshape(n, -1))
     meta = {META_ENCODING: RAW, META_SHAPE: ",".join(str(s) for s in x.shape[1:]).encode()}
     if source_md5:
         meta[META_MD5] = json.dumps(dict(source_md5), sort_keys=True).encode()
+    if stats is not None:
+        mean, std = (tuple(float(v) for v in part) for part in stats)
+        if len(mean) != x.shape[1] or len(std) != x.shape[1] or min(std, default=1.0) <= 0:
+            raise DataError(f"stats: got mean {mean} and std {std}, expected {x.shape[1]} of each (std > 0)")
+        meta[META_MEAN] = json.dumps(list(mean)).encode()
+        meta[META_STD] = json.dumps(list(std)).encode()
     table = pa.table(cols).replace_schema_metadata(meta)
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def table_stats(images_uint8: np.ndarray, splits: Sequence[str] | None = None) -> tuple[tuple[float, ...],
+                                                                                        tuple[float, ...]]:
+    """The statistics a table records: per-channel mean and std of the train split's images (``splits`` one per
+    row), or of every image when there are no splits. Only the train split, so nothing about the held-out classes
+    leaks into what every model sees."""
+    x = np.asarray(images_uint8)
+    if splits is not None:
+        keep = np.asarray([s == "train" for s in splits], bool)
+        if keep.any():
+            x = x[keep]
+    return channel_stats(x)
+
+
+def metadata_floats(meta: Mapping[bytes, bytes], key: bytes, where: str) -> tuple[float, ...]:
+    if key not in meta:
+        return ()
+    try:
+        values = json.loads(meta[key])
+        if not isinstance(values, list) or not values or not all(isinstance(v, int | float) for v in values):
+            raise ValueError(values)
+        return tuple(float(v) for v in values)
+    except ValueError as e:
+        raise DataError(f"{where}: metadata {key.decode()} got {meta[key][:80]!r}, expected a JSON list of one number "
+                        "per channel; rebuild the table with `mtl-ray data convert`") from e
 
 
 # --------------------------------------------------------------------------- reading
@@ -231,8 +311,8 @@ def read_image_table(path: str | Path, image_size: int, channels: int | None = N
     names = table.column_names
     missing = [c for c in ("label", "image") if c not in names]
     if missing:
-        raise DataError(f"{where}: columns {names}, expected 'label' and 'image' (and optionally 'domain'); "
-                        f"missing {missing}")
+        raise DataError(f"{where}: columns {names}, expected 'label' and 'image' (and optionally 'domain', "
+                        f"'split'); missing {missing}")
     meta = table.schema.metadata or {}
     encoding = meta.get(META_ENCODING, ENCODED)
     md5s: dict[str, str] = {}
@@ -248,6 +328,14 @@ def read_image_table(path: str | Path, image_size: int, channels: int | None = N
     domain_list = None
     if "domain" in names:
         domain_list = [("" if v is None else str(v)) for v in table.column("domain").to_pylist()]
+    label_split: dict[str, str] = {}
+    if "split" in names:
+        split_col = table.column("split")
+        if split_col.null_count:
+            raise DataError(f"{where}: {split_col.null_count} row(s) with a null split; expected every row's class "
+                            f"in one of {', '.join(TABLE_SPLITS)} (or no 'split' column at all); rebuild the table")
+        label_split = class_splits(labels.tolist(), [str(v) for v in split_col.to_pylist()], f"{where}: column split")
+    mean, std = metadata_floats(meta, META_MEAN, where), metadata_floats(meta, META_STD, where)
 
     if encoding == RAW:
         try:
@@ -260,6 +348,11 @@ def read_image_table(path: str | Path, image_size: int, channels: int | None = N
         x = _raw_images(table.column("image"), shape, where)  # the len(shape) check makes it tuple[int, int, int]
         if shape[1:] != (image_size, image_size):
             x = np.stack([_resize_chw(im, image_size) for im in x]) if len(x) else x
+        if (mean or std) and (len(mean) != shape[0] or len(std) != shape[0]):
+            raise DataError(f"{where}: metadata mtl_ray.channel_mean/channel_std hold {len(mean)}/{len(std)} "
+                            f"values, expected {shape[0]} each (one per channel); rebuild the table")
+        if channels is not None and channels != shape[0]:
+            mean, std = (), ()  # statistics of the stored channels do not describe converted ones
         x = _to_channels(x, channels, where)
     elif encoding == ENCODED:
         image_type = table.schema.field("image").type
@@ -276,6 +369,8 @@ def read_image_table(path: str | Path, image_size: int, channels: int | None = N
             out.append(decode_image(cell, image_size=image_size, channels=channels, invert=invert,
                                     name=f"{where} row {i} (label {str(lab)!r})"))
         x = np.stack(out) if out else np.empty((0, channels or 1, image_size, image_size), np.uint8)
+        if mean and (len(mean) != x.shape[1] or len(std) != x.shape[1]):
+            mean, std = (), ()  # recorded for other channels than these cells decode to
     else:
         raise DataError(f"{where}: metadata mtl_ray.encoding got {encoding!r}, expected b'raw-uint8' or "
                         "b'encoded'; rebuild the table")
@@ -292,7 +387,7 @@ def read_image_table(path: str | Path, image_size: int, channels: int | None = N
         arr.flags.writeable = False
         images[lab] = arr
         domains[lab] = domain_list[int(idx[0])] if domain_list is not None else ""
-    return ImageTable(images, domains, md5s)
+    return ImageTable(images, domains, md5s, label_split, mean, std)
 
 
 # --------------------------------------------------------------------------- folders -> tables
@@ -303,8 +398,10 @@ def convert_folder(src_dir: str | Path, out_path: str | Path, image_size: int = 
     """Convert ``src_dir/<class_name>/*.png|jpg|jpeg`` into a raw-uint8 image table at ``out_path``.
 
     Every image becomes ``[channels, image_size, image_size]`` uint8 (LANCZOS resize, aspect ratio
-    not kept). Set ``invert=True`` for dark drawings on a light background (e.g. scanned handwriting)
-    so ink ends up high, as the project expects; leave it False for photos and light-on-dark images.
+    not kept). The table records the channel statistics of all its images (a folder has no splits: they are a
+    hash of the label when the table is read). Set ``invert=True`` for dark drawings on a light background (e.g.
+    scanned handwriting) so ink ends up high, as the project expects; leave it False for photos and light-on-dark
+    images.
     ``domain`` (optional) is stored for every row. Hidden entries (names starting with '.') and
     non-image files are skipped. Raises :class:`DataError` for an empty folder, a class folder with
     no images, or an unreadable image (naming the file).
@@ -340,7 +437,8 @@ def convert_folder(src_dir: str | Path, out_path: str | Path, image_size: int = 
             images.append(decode_image(data, image_size=image_size, channels=channels, invert=invert, name=str(f)))
             labels.append(d.name)
     domains = [domain] * len(labels) if domain is not None else None
-    return write_table(out_path, labels, np.stack(images), domains=domains)
+    x = np.stack(images)
+    return write_table(out_path, labels, x, domains=domains, stats=table_stats(x))
 
 
 # --------------------------------------------------------------------------- class splits
