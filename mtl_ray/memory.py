@@ -11,18 +11,25 @@ The estimate, per compute process (the in-process trainer, or each Ray worker ac
   + dataset images       uint8, images x C x S x S (each process loads its own pools)
   + max(training step, validation) where each is
       shard inputs       tasks in the process's shard x input elements per task x SAMPLE_BYTES (+ labels)
-    + one chunk          the tasks of one vmap call (algorithm.task_chunk_size, or the auto size of
-                         mtl_ray.algorithms.base.chunks) x (examples x activation floats per example x 4 B x
+    + one chunk          the tasks of one vmap call (algorithm.task_chunk_size, or with 0 as many as
+                         chunk_budget holds) x (examples x activation floats per example x 4 B x
                          graph factor + parameters x 4 B x copies per task)
     + bookkeeping        TASK_BYTES per task index of the meta-batch / validation / --episodes
 
-*Activation floats per example* come from the model's shape alone (:func:`activation_floats`): for Conv4 each block
-keeps about two maps at conv resolution and two at its output resolution (plus the 3x3 patches of an unfolded
-block); an MLP two per hidden unit. The *graph factor* says how many such forward passes' worth of tensors a chunk
-holds at its peak. Both were fitted to the resident set sizes of runs on a 2-core CPU (docs/benchmarks.md,
-"Memory estimate", has the measurements). So it is within about 30% of what a process really takes, more often
-below than above: good enough to refuse what cannot run (a meta-batch or a task thousands of times too big), not
-a promise that what passes fits.
+The estimate names no component: *activation floats per example* come from the model class's own
+``activation_floats`` (mtl_ray.models.registry.ModelClass; e.g. Conv4: each block keeps about two maps at conv
+resolution and two at its output resolution, plus the 3x3 patches of an unfolded block; an MLP two per hidden
+unit), the parameters from a skeleton built on the meta device, the input shape and image count from the task
+source's ``SourceSpec`` (``input_shape``, ``count_images``), and what the algorithm holds from its capabilities
+(``uses_head``, ``has_inner_loop``, ``outer_backward``). The *graph factor* says how many such forward passes'
+worth of tensors a chunk holds at its peak. Both were fitted to the resident set sizes of runs on a 2-core CPU
+(docs/benchmarks.md, "Memory estimate", has the measurements). So it is within about 30% of what a process
+really takes, more often below than above: good enough to refuse what cannot run (a meta-batch or a task
+thousands of times too big), not a promise that what passes fits.
+
+The same per-task figure sizes the automatic chunks (``algorithm.task_chunk_size=0``): a ShardWorker gives its
+algorithm :func:`chunk_limit`, the most tasks whose chunk fits :func:`chunk_budget`
+(``algorithm.chunk_memory_mb``, or one derived from this machine's memory or the GPU's).
 The memory available is the kernel's ``MemAvailable`` (``/proc/meminfo``), or less when a cgroup limit leaves
 less. Workers on an external Ray cluster (``scaling.address`` or ``$RAY_ADDRESS``) are not checked (their nodes'
 memory is not known here), nor GPU memory (CUDA reports its own out-of-memory); the driver's own share is.
@@ -36,10 +43,18 @@ import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import cast
 
-from mtl_ray.config import Config
-from mtl_ray.data import is_regression
+import torch
+
+from mtl_ray.algorithms.base import ChunkLimit, tasks_within
+from mtl_ray.algorithms.registry import algorithm_class
+from mtl_ray.config import Config, ModelConfig
+from mtl_ray.data.base import gray_images
+from mtl_ray.data.registry import SOURCES, is_regression
+from mtl_ray.models import MODELS, ModelClass
 
 MEMORY_CHECK_ENV = "MTL_RAY_MEMORY_CHECK"
 BASE_BYTES = 450 * 2**20  # a compute process: Python, torch, mtl_ray (0.27-0.36 GB) and its first call (0.1 GB)
@@ -48,23 +63,31 @@ RAY_LOCAL_BYTES = 500 * 2**20  # the processes of a local Ray that mtl-ray start
 FLOAT_BYTES = 4
 # Sampling a shard: uint8 picks, their concatenation and stack, then the float32 batch (images); numpy float64
 # draws, their stack and the float32 tensors (sinusoid, plus small per-task arrays).
-SAMPLE_BYTES = {"images": 8, "sinusoid": 48}
-SINUSOID_TASK_BYTES = 300
+SAMPLE_BYTES = {"classification": 8, "regression": 48}
+REGRESSION_TASK_BYTES = 300
 LABEL_BYTES = 16  # int64 labels, numpy and torch
 TASK_BYTES = 100  # per task index: Python ints in the shard lists, per-task metrics
 # Tensors a chunk holds at its peak, in forward passes' worth of activations (see the module docstring).
-GRAPH_FACTOR = {"train": 1.85, "reptile": 0.75, "eval": 1.0}
-UNFOLDED_BN_FACTOR = 2.0  # conv_impl native / im2col: the batch norm of the first block is not folded away
+# "forward": a training step whose update needs no backward through the tasks (outer_backward False, e.g. Reptile's).
+GRAPH_FACTOR = {"train": 1.85, "forward": 0.75, "eval": 1.0}
+# Each second-order inner step past the first keeps another SECOND_ORDER_STEP support passes' worth of tensors
+# (Conv4 0.9-1.6, ResNet-12 1.05; docs/benchmarks.md, "Backbones: speed and memory"). First order keeps neither those
+# nor each step's adapted weights (its inner gradients are constants): one step's worth, like one step.
+SECOND_ORDER_STEP = 1.0
 # Per-task parameter-sized tensors (adapted weights, their gradients) per inner step, and besides them.
 PARAM_COPIES_PER_STEP, PARAM_COPIES = 2, 2
-# Omniglot archives' image counts (the md5-pinned files of mtl_ray.data.omniglot.ARCHIVE_MD5).
-OMNIGLOT_IMAGES = {"images_background": 19280, "images_evaluation": 13180, "images_background_small1": 2720,
-                   "images_background_small2": 3120}
-DIGITS_IMAGES = 1797
-METRIC_LEARNERS = ("protonet", "relationnet")
+# algorithm.task_chunk_size=0 with algorithm.chunk_memory_mb=0 (chunk_budget): one vmap call's tensors on CPU take
+# at most CPU_CHUNK_BYTES (the main job: 8 tasks a chunk, as the input-size rule gave) and at most AVAILABLE_SHARE of
+# the memory available per process; on a GPU GPU_SHARE of its memory.
+CPU_CHUNK_BYTES = 2**30
+AVAILABLE_SHARE = 0.25
+GPU_SHARE = 0.5
 
 
 # --------------------------------------------------------------------------- sizes
+
+
+Available = Callable[[], "tuple[int, str] | None"]  # () -> (bytes, where the number comes from), or None
 
 
 def fmt_bytes(n: float) -> str:
@@ -118,92 +141,56 @@ def _cgroup_files() -> list[tuple[Path, Path]]:
 
 
 def x_shape_of(cfg: Config) -> tuple[int, ...]:
-    """One input's shape as the task source will give it, without loading the data."""
-    d = cfg.data
-    if is_regression(cfg):
-        return (1,)
-    return (_parquet_channels(cfg) if d.source == "parquet" else 1, d.image_size, d.image_size)
-
-
-def _table(cfg: Config) -> Path | None:
-    from mtl_ray.data.parquet import resolve_table_path as _resolve_table_path
-
-    p = _resolve_table_path(cfg.data)
-    return p if p.is_file() else None
-
-
-def _parquet_channels(cfg: Config) -> int:
-    import pyarrow.parquet as pq
-
-    from mtl_ray.data.imagetable import META_ENCODING, META_SHAPE, RAW
-
-    path = _table(cfg)
-    try:
-        meta = pq.read_schema(path).metadata or {} if path else {}
-        if meta.get(META_ENCODING) == RAW:
-            return int(meta[META_SHAPE].decode().split(",")[0])
-    except Exception:  # unreadable: check_data says why; estimate with one channel
-        pass
-    return 1
+    """One input's shape as the task source will give it, without loading the data (its ``SourceSpec``)."""
+    spec = SOURCES.get(cfg.data.source)
+    return spec.input_shape(cfg) if spec is not None else gray_images(cfg)
 
 
 def dataset_images(cfg: Config) -> int:
-    """How many images the source loads (each process holds them all as uint8); 0 for sinusoid."""
-    d = cfg.data
-    if d.source == "omniglot":
-        return sum(OMNIGLOT_IMAGES.get(a, 0) for a in d.archives)
-    if d.source == "digits":
-        return DIGITS_IMAGES
-    if d.source == "parquet":
-        import pyarrow.parquet as pq
-
-        path = _table(cfg)
-        try:
-            return pq.read_metadata(path).num_rows if path else 0
-        except Exception:  # check_data reports an unreadable table
-            return 0
-    return 0
+    """How many images the source loads (each process holds them all as uint8); 0 for generated tasks."""
+    spec = SOURCES.get(cfg.data.source)
+    return spec.count_images(cfg) if spec is not None else 0
 
 
-def _conv_blocks(c_in: int, size: int, channels: int, blocks: int, downsample: str, impl: str,
-                 pooled: int | None = None) -> tuple[float, int, int]:
-    """(activation floats per example, output side, parameters) of Conv4-style blocks."""
-    pooled = blocks if pooled is None else pooled
-    floats, params = 0.0, 0
-    for i in range(blocks):
-        cin = c_in if i == 0 else channels
-        down = i < pooled
-        conv_side = size if (downsample == "pool" or not down) else (size + 1) // 2
-        out_side = size // 2 if (downsample == "pool" and down) else conv_side
-        if impl == "im2col" or (impl == "folded" and cin * 9 <= 27):
-            floats += 9 * cin * conv_side**2  # the unfolded 3x3 patches
-        floats += channels * (2 * conv_side**2 + 2 * out_side**2)
-        params += cin * 9 * channels + 3 * channels
-        size = out_side
-    return floats, size, params
+@lru_cache(maxsize=64)
+def _parameters(cfg_model: ModelConfig, cls: type[ModelClass], x_shape: tuple[int, ...], out_features: int) -> int:
+    """Parameters of the model, counted on a skeleton built on the meta device (no memory, any size)."""
+    with torch.device("meta"):
+        model = cls.from_config(cfg_model, x_shape, out_features)
+    return sum(p.numel() for p in model.parameters())
 
 
 def activation_floats(cfg: Config, x_shape: tuple[int, ...], ways: int) -> tuple[float, float, int]:
-    """(activation floats per example of one forward pass, extra floats per task, parameters) of cfg's model."""
-    m, a = cfg.model, cfg.algorithm
-    out = 0 if a.name in METRIC_LEARNERS else ways
-    if a.name == "relationnet":  # Conv4 body (2 pooled blocks) + relation blocks on (example, class) pairs
-        body, side, params = _conv_blocks(x_shape[0], x_shape[-1], m.channels, 4, m.downsample, m.conv_impl, 2)
-        rel, rside, rparams = _conv_blocks(2 * m.channels, side, m.channels, 2, m.downsample, m.conv_impl)
-        pairs = ways * ways * (cfg.data.shots + cfg.data.queries)
-        return body, pairs * (rel + 2 * m.channels * side**2), params + rparams + m.channels * rside**2 * 8 + 17
-    if m.name == "mlp":
-        width, floats, params = math.prod(x_shape), 0.0, 0
-        for h in m.hidden_sizes:
-            floats += 2 * h
-            params += width * h + h
-            width = h
-        return floats + out, 0.0, params + width * out + out
-    floats, side, params = _conv_blocks(x_shape[0], x_shape[-1], m.channels, m.blocks, m.downsample, m.conv_impl)
-    if m.conv_impl != "folded":
-        floats *= UNFOLDED_BN_FACTOR
-    features = m.channels * side**2
-    return floats + out, 0.0, params + features * out + out
+    """(activation floats per example of one forward pass, extra floats per task, parameters) of cfg's model:
+    the model class's own ``activation_floats`` (mtl_ray.models.registry.ModelClass), for the model the algorithm
+    builds (its ``model_class``, else ``model.name``'s)."""
+    alg = algorithm_class(cfg.algorithm.name)
+    cls = cast("type[ModelClass]", alg.model_class or MODELS[cfg.model.name])
+    out = ways if alg.uses_head else 0
+    per_example, per_task = cls.activation_floats(cfg, x_shape, out)
+    return per_example, per_task, _parameters(cfg.model, cls, tuple(x_shape), out)
+
+
+def chunk_budget(cfg: Config, device: str = "cpu",
+                 available: Available = available_memory) -> int:
+    """Bytes one ``vmap`` call's tensors may take when ``algorithm.task_chunk_size`` is 0 (auto).
+
+    ``algorithm.chunk_memory_mb`` when set; else on CPU :data:`CPU_CHUNK_BYTES`, or :data:`AVAILABLE_SHARE` of the
+    memory available per compute process here when that is less; on a GPU :data:`GPU_SHARE` of the device's memory
+    (times ``scaling.gpus_per_worker`` when a worker has a fraction of one). The CPU cap keeps chunks the same size
+    on any machine with enough memory (a float32 sum over other chunks rounds differently), and bigger chunks do not
+    run faster on CPU (docs/benchmarks.md, "The main job: glibc's heap and task chunks").
+    """
+    a, sc = cfg.algorithm, cfg.scaling
+    if a.chunk_memory_mb > 0:
+        return a.chunk_memory_mb * 2**20
+    if device.startswith("cuda"):
+        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+        return int(GPU_SHARE * total * min(1.0, sc.gpus_per_worker or 1.0))
+    have = available()
+    if have is None:
+        return CPU_CHUNK_BYTES
+    return min(CPU_CHUNK_BYTES, int(AVAILABLE_SHARE * have[0] / max(1, sc.num_workers)))
 
 
 # --------------------------------------------------------------------------- the estimate
@@ -226,15 +213,62 @@ class Estimate:
     what: str  # "a training step", "validation", "evaluation", "a pretraining step"
 
 
-def _chunk_tasks(cfg: Config, shard_tasks: int, elements_per_task: int, on_gpu: bool) -> int:
-    """Tasks per vmap call, as mtl_ray.algorithms.base.chunks sizes them."""
-    from mtl_ray.algorithms.base import AUTO_CHUNK_ELEMENTS
+@dataclass(frozen=True)
+class TaskCost:
+    """What one task takes in a compute process (bytes): its sampled inputs, and its share of a chunk's tensors."""
 
+    examples: int  # support + query examples
+    inputs: int  # sampled inputs and labels, held for the whole shard
+    chunk: int  # its share of one vmap call's tensors at their peak (activations, their graph, adapted weights)
+
+
+def task_cost(cfg: Config, mode: str, steps: int, x_shape: tuple[int, ...] | None = None) -> TaskCost:
+    """One task of ``cfg`` in ``mode`` ("train", "eval"; "pretrain": one image) with ``steps`` inner steps."""
+    d, a = cfg.data, cfg.algorithm
+    x_shape = x_shape_of(cfg) if x_shape is None else tuple(x_shape)
+    regression = is_regression(cfg)
+    ways = 1 if regression else d.ways
+    per_example, per_task, params = activation_floats(cfg, x_shape, ways)
+    alg = algorithm_class(a.name)
+    if mode == "pretrain":  # a "task" is one image; one forward/backward over the worker's share
+        examples, per_task, copies, factor = 1, 0.0, 0, GRAPH_FACTOR["train"]
+    else:
+        support = d.shots * (1 if regression else d.ways)
+        examples = (d.shots + d.queries) * (1 if regression else d.ways)
+        factor = GRAPH_FACTOR["forward" if (not alg.outer_backward and mode == "train") else mode]
+        second_order = mode == "train" and alg.outer_backward and not (a.first_order or not alg.second_order)
+        kept = max(steps, 1) if second_order else 1  # inner steps whose adapted weights stay for the outer backward
+        copies = PARAM_COPIES + PARAM_COPIES_PER_STEP * kept if alg.has_inner_loop else 0
+        if second_order and alg.has_inner_loop:  # every inner step's graph stays for the outer backward
+            factor *= 1 + SECOND_ORDER_STEP * max(steps - 1, 0) * support / max(examples, 1)
+    elements = examples * math.prod(x_shape)
+    wide = 2 if cfg.scaling.precision == "fp64" else 1  # float64 inputs, weights and activations
+    sample = SAMPLE_BYTES["regression" if regression else "classification"] + (wide - 1) * FLOAT_BYTES
+    inputs = elements * sample + examples * LABEL_BYTES + (REGRESSION_TASK_BYTES if regression else 0)
+    chunk = wide * FLOAT_BYTES * ((examples * per_example + per_task) * factor + params * copies)
+    return TaskCost(examples=examples, inputs=int(inputs), chunk=int(chunk))
+
+
+def chunk_limit(cfg: Config, device: str = "cpu", x_shape: tuple[int, ...] | None = None) -> ChunkLimit:
+    """``(training, inner steps) -> most tasks per vmap call`` within :func:`chunk_budget`: what a ShardWorker hands
+    its algorithm (``FunctionalAlgorithm.chunk_limit``) for ``algorithm.task_chunk_size=0``."""
+    budget = chunk_budget(cfg, device)
+
+    @lru_cache(maxsize=16)
+    def limit(training: bool, steps: int) -> int:
+        return tasks_within(budget, task_cost(cfg, "train" if training else "eval", steps, x_shape).chunk)
+
+    return limit
+
+
+def _chunk_tasks(cfg: Config, shard_tasks: int, task_chunk: int, on_gpu: bool,
+                 available: Callable[[], tuple[int, str] | None]) -> int:
+    """Tasks per vmap call, as the workers size them (:func:`chunk_limit`, mtl_ray.algorithms.base.chunks)."""
     if cfg.algorithm.task_chunk_size > 0:
         return min(cfg.algorithm.task_chunk_size, shard_tasks)
-    if on_gpu or shard_tasks == 0:
+    if on_gpu or shard_tasks == 0:  # sized by the GPU's memory, which is not known here
         return shard_tasks
-    parts = math.ceil(shard_tasks / max(1, AUTO_CHUNK_ELEMENTS // max(elements_per_task, 1)))
+    parts = math.ceil(shard_tasks / tasks_within(chunk_budget(cfg, "cpu", available), task_chunk))
     return math.ceil(shard_tasks / parts)
 
 
@@ -247,28 +281,17 @@ def _layout(cfg: Config, workers: int) -> tuple[int, bool]:
 
 
 def _estimate(cfg: Config, *, what: str, total_tasks: int, shard_cap: int, mode: str, steps: int,
-              workers: int) -> Estimate:
+              workers: int, available: Available = available_memory,
+              x_shape: tuple[int, ...] | None = None) -> Estimate:
     """``total_tasks`` tasks (images, for pretraining) split over ``workers`` processes (0: in-process)."""
-    d, a = cfg.data, cfg.algorithm
-    x_shape = x_shape_of(cfg)
-    regression = is_regression(cfg)
-    ways = 1 if regression else d.ways
-    per_example, per_task, params = activation_floats(cfg, x_shape, ways)
-    if mode == "pretrain":  # a "task" is one image; one forward/backward over the worker's share
-        examples, per_task, copies, factor = 1, 0.0, 0, GRAPH_FACTOR["train"]
-    else:
-        examples = (d.shots + d.queries) * (1 if regression else d.ways)
-        factor = GRAPH_FACTOR["reptile" if (a.name == "reptile" and mode == "train") else mode]
-        copies = 0 if a.name in METRIC_LEARNERS else PARAM_COPIES + PARAM_COPIES_PER_STEP * max(steps, 1)
-    elements = examples * math.prod(x_shape)
+    x_shape = x_shape_of(cfg) if x_shape is None else tuple(x_shape)
+    cost = task_cost(cfg, mode, steps, x_shape)
     shard_tasks = min(math.ceil(total_tasks / max(1, workers)), shard_cap)
     on_gpu = cfg.scaling.gpus_per_worker > 0
-    chunk_tasks = shard_tasks if mode == "pretrain" else _chunk_tasks(cfg, shard_tasks, elements, on_gpu)
-    sample = SAMPLE_BYTES["sinusoid" if regression else "images"]
-    task_inputs = elements * sample + examples * LABEL_BYTES + (SINUSOID_TASK_BYTES if regression else 0)
-    task_chunk = 0 if on_gpu else FLOAT_BYTES * ((examples * per_example + per_task) * factor + params * copies)
-    inputs, chunk = shard_tasks * task_inputs, int(chunk_tasks * task_chunk)
-    dataset = 0 if regression else dataset_images(cfg) * math.prod(x_shape)
+    chunk_tasks = shard_tasks if mode == "pretrain" else _chunk_tasks(cfg, shard_tasks, cost.chunk, on_gpu, available)
+    task_chunk = 0 if on_gpu else cost.chunk
+    inputs, chunk = shard_tasks * cost.inputs, int(chunk_tasks * task_chunk)
+    dataset = 0 if is_regression(cfg) else dataset_images(cfg) * math.prod(x_shape)
     per_process = BASE_BYTES + dataset + inputs + chunk
     bookkeeping = 0 if mode == "pretrain" else total_tasks * TASK_BYTES  # pretraining samples batches as tensors
     here, in_process = _layout(cfg, workers)
@@ -281,24 +304,34 @@ def _estimate(cfg: Config, *, what: str, total_tasks: int, shard_cap: int, mode:
     return Estimate(total=int(total), processes=1 if in_process else here, per_process=int(per_process),
                     dataset=int(dataset), inputs=int(inputs), chunk=chunk, bookkeeping=int(bookkeeping),
                     chunk_tasks=int(chunk_tasks), shard_tasks=int(shard_tasks),
-                    one_task=int(per_process - inputs - chunk + task_inputs + task_chunk), what=what)
+                    one_task=int(per_process - inputs - chunk + cost.inputs + task_chunk), what=what)
 
 
-def estimate_training(cfg: Config) -> list[Estimate]:
+def estimate_shard(cfg: Config, tasks: int, *, mode: str = "train", steps: int | None = None,
+                   available: Available = available_memory, x_shape: tuple[int, ...] | None = None) -> Estimate:
+    """One in-process shard of ``tasks`` tasks of inputs ``x_shape`` (default: the source's), as bench/backbones.py
+    measures it."""
+    steps = (cfg.algorithm.inner_steps if mode == "train" else cfg.eval_inner_steps) if steps is None else steps
+    return _estimate(cfg, what="a training step" if mode == "train" else "evaluation", total_tasks=tasks,
+                     shard_cap=tasks, mode=mode, steps=steps, workers=0, available=available, x_shape=x_shape)
+
+
+def estimate_training(cfg: Config, available: Available = available_memory) -> list[Estimate]:
     """A training step and (when optim.val_every > 0) a validation, as run by ``mtl-ray train``."""
     o, n = cfg.optim, cfg.scaling.num_workers
     out = [_estimate(cfg, what="a training step", total_tasks=o.meta_batch_size, shard_cap=o.meta_batch_size,
-                     mode="train", steps=cfg.algorithm.inner_steps, workers=n)]
+                     mode="train", steps=cfg.algorithm.inner_steps, workers=n, available=available)]
     if o.val_every > 0:
         out.append(_estimate(cfg, what="validation", total_tasks=o.val_tasks, shard_cap=o.meta_batch_size,
-                             mode="eval", steps=cfg.eval_inner_steps, workers=n))
+                             mode="eval", steps=cfg.eval_inner_steps, workers=n, available=available))
     return out
 
 
-def estimate_evaluation(cfg: Config, episodes: int) -> Estimate:
+def estimate_evaluation(cfg: Config, episodes: int, available: Available = available_memory) -> Estimate:
     """``mtl-ray eval``: in-process, shards of at most optim.meta_batch_size episodes."""
     return _estimate(cfg, what="evaluation", total_tasks=episodes,
-                     shard_cap=cfg.optim.meta_batch_size, mode="eval", steps=cfg.eval_inner_steps, workers=0)
+                     shard_cap=cfg.optim.meta_batch_size, mode="eval", steps=cfg.eval_inner_steps, workers=0,
+                     available=available)
 
 
 def estimate_pretraining(cfg: Config) -> Estimate:
@@ -351,7 +384,7 @@ def _describe(cfg: Config, e: Estimate, episodes: int | None) -> tuple[str, str,
 
 
 def memory_problems(cfg: Config, *, episodes: int | None = None, pretrain: bool = False,
-                    available: Callable[[], tuple[int, str] | None] = available_memory) -> list[str]:
+                    available: Available = available_memory) -> list[str]:
     """Why ``cfg`` cannot run in the memory available here (empty when it may, or when that is unknown).
 
     ``episodes``: check ``mtl-ray eval --episodes`` instead of training; ``pretrain``: ``mtl-ray pretrain``.
@@ -365,9 +398,9 @@ def memory_problems(cfg: Config, *, episodes: int | None = None, pretrain: bool 
     if pretrain:
         estimates = [estimate_pretraining(cfg)]
     elif episodes is not None:
-        estimates = [estimate_evaluation(cfg, episodes)]
+        estimates = [estimate_evaluation(cfg, episodes, available)]
     else:
-        estimates = estimate_training(cfg)
+        estimates = estimate_training(cfg, available)
     problems: dict[str, str] = {}  # fix -> message: one message per fix (training and validation often share it)
     for e in estimates:
         if e.total <= free:

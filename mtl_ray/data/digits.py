@@ -21,6 +21,7 @@ from mtl_ray.data.base import IMAGE_KEYS, ClassPool, LoadedSource, SourceSpec
 from mtl_ray.data.imagetable import hash_split
 
 SOURCE_NAME = "sklearn.datasets.load_digits"
+IMAGES = 1797
 
 
 @lru_cache(maxsize=4)
@@ -76,4 +77,5 @@ def load_source(cfg: Config) -> LoadedSource:
 
 
 SOURCE = SourceSpec(kind="classification", images=True, load=load_source, clear_cache=load_digits_images.cache_clear,
+                    count_images=lambda cfg: IMAGES,
                     config_keys=IMAGE_KEYS | {"val_fraction", "test_fraction"})

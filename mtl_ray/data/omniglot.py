@@ -38,6 +38,9 @@ ARCHIVE_MD5: dict[str, str] = {
     "images_background_small1": "e704a628b5459e08445c13499850abc4",
     "images_background_small2": "b75a71a51d3b13f821f212756fe481fd",
 }
+# Images in each archive (its md5-pinned file above): what each process holds, for the memory estimate.
+ARCHIVE_IMAGES: dict[str, int] = {"images_background": 19280, "images_evaluation": 13180,
+                                  "images_background_small1": 2720, "images_background_small2": 3120}
 ROTATIONS = 4
 
 
@@ -231,6 +234,12 @@ def clear_cache() -> None:
     _read_cache.cache_clear()
 
 
+def count_images(cfg: Config) -> int:
+    """Images of ``data.archives`` (rotations are views of them, not copies)."""
+    return sum(ARCHIVE_IMAGES.get(a, 0) for a in cfg.data.archives)
+
+
 SOURCE = SourceSpec(kind="classification", images=True, load=load_source, check=check_config, clear_cache=clear_cache,
+                    count_images=count_images,
                     config_keys=IMAGE_KEYS | {"root", "download", "archives", "val_alphabets", "test_alphabets",
                                               "rotations"})

@@ -57,5 +57,5 @@ def build(cfg: Config) -> SinusoidTaskSource:
     return SinusoidTaskSource(seed=cfg.seed, shots=cfg.data.shots, queries=cfg.data.queries)
 
 
-SOURCE = SourceSpec(kind="regression", images=False, build=build,
+SOURCE = SourceSpec(kind="regression", images=False, build=build, input_shape=lambda cfg: (1,),
                     config_keys=frozenset({"source", "shots", "queries"}))
