@@ -25,7 +25,7 @@ times ``TaskSource.sample`` alone. Before timing, the vectorised and loop meta-g
 other in float64 on small instances of both backbones. Timing helpers are bench/throughput.py's.
 
     python bench/backbones.py --quick            # a few minutes
-    python bench/backbones.py                    # the full grid: about two hours on a 2-core CPU
+    python bench/backbones.py                    # the full grid: about 40 minutes on a 2-core CPU, 12 GB
     python bench/backbones.py --device cuda      # on a GPU (falls back to the CPU, saying so, when there is none)
     python bench/backbones.py --out bench/out/backbones.json
 """
