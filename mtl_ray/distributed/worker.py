@@ -16,7 +16,8 @@ import torch
 from mtl_ray.algorithms import Params, ShardResult, build_learner
 from mtl_ray.components import from_dict
 from mtl_ray.config import Config
-from mtl_ray.data.base import TaskBatch
+from mtl_ray.data.base import PoolTaskSource, TaskBatch
+from mtl_ray.memory import chunk_limit
 from mtl_ray.runtime import fp32_precision, tune_allocator
 
 
@@ -33,6 +34,10 @@ class ShardWorker:
             torch.set_num_threads(self.cfg.scaling.torch_threads)
         self.device = torch.device(device)
         self.learner = build_learner(self.cfg)
+        if isinstance(self.learner.source, PoolTaskSource):  # episodes go to the device as uint8, float (and
+            self.learner.source.device = self.device        # data.augment's transforms) happen there, batched
+        # algorithm.task_chunk_size=0: as many tasks per vmap call as the chunk memory budget holds by the estimate
+        self.learner.algorithm.chunk_limit = chunk_limit(self.cfg, str(self.device), self.learner.shape.x_shape)
         self.bf16 = self.cfg.scaling.precision == "bf16"
         # fp64: inputs and weights in float64 (None: as they come, float32)
         self.dtype = torch.float64 if self.cfg.scaling.precision == "fp64" else None
@@ -46,9 +51,12 @@ class ShardWorker:
                 stack.enter_context(torch.autocast(device_type=self.device.type, dtype=torch.bfloat16))
             yield
 
-    def _sample(self, split: str, step: int, indices: Sequence[int]) -> TaskBatch:
+    def _sample(self, split: str, step: int, indices: Sequence[int], *, augment: bool = False) -> TaskBatch:
+        """``augment``: meta-training's tasks, whose support sets data.augment transforms (validation's never)."""
         source = self.learner.source
         assert source is not None, "a ShardWorker's learner is built with its task source"
+        if augment and isinstance(source, PoolTaskSource):
+            return source.sample(split, step, indices, augment=True).to(self.device, self.dtype)
         return source.sample(split, step, indices).to(self.device, self.dtype)
 
     def _params(self, params: Params) -> Params:
@@ -57,7 +65,7 @@ class ShardWorker:
     def meta_gradient(self, params: Params, step: int, indices: Sequence[int]) -> ShardResult:
         """Sum of meta-gradients of training tasks ``indices`` at ``step`` (grads returned on CPU)."""
         t0 = time.perf_counter()
-        batch = self._sample("train", step, indices)
+        batch = self._sample("train", step, indices, augment=True)
         with self._numerics():
             result = self.learner.algorithm.meta_gradient(self._params(params), batch)
         grads = {k: v.detach().cpu() for k, v in result.grads.items()}
