@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from miniatures import mini_imagenet_table
 
 from mtl_ray.components import from_dict, load_config
 from mtl_ray.config import Config, ConfigError
@@ -26,6 +27,10 @@ def test_every_shipped_config_passes_every_check(path, omniglot_root, tmp_path, 
         with pytest.raises(ConfigError, match=r"model.init: .*no such checkpoint.*mtl-ray pretrain"):
             checked(str(path), [*overrides, f"model.init={tmp_path / 'absent'}"])
         overrides.append(f"model.init={pretrained_stub(load_config(path, overrides), tmp_path)}")
+    if load_config(path, overrides).data.source == "parquet":  # a benchmark table the user converts first: say how
+        with pytest.raises(ConfigError, match=r"data.path: .*mtl-ray data convert"):
+            checked(str(path), overrides)
+        overrides.append(f"data.path={mini_imagenet_table(tmp_path, load_config(path, overrides).data.image_size)}")
     cfg = checked(str(path), overrides)
     assert cfg.name == path.stem
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from miniatures import mini_imagenet_table
 
 from mtl_ray import metrics as M
 from mtl_ray.components import load_config
@@ -54,6 +55,10 @@ def recipe_config(name: str, data_root: Path, work: Path) -> Config:
         cfg = cfg.replace(**{"optim.val_every": STEPS})
     if cfg.model.init:
         cfg = cfg.replace(**{"model.init": str(_pretrained(cfg, work))})
+    if cfg.model.name == "resnet12":  # the shipped widths take minutes a step in float64 on reference kernels
+        cfg = cfg.replace(**{"model.widths": (4, 4, 4, 4)})
+    if cfg.data.source == "parquet":  # a benchmark table: a miniature in its published layout, converted as users do
+        cfg = cfg.replace(**{"data.path": str(mini_imagenet_table(work, cfg.data.image_size))})
     return cfg
 
 
