@@ -153,3 +153,24 @@ def test_evaluation_shards_are_bounded_and_do_not_change_any_result():
     b = evaluate_tasks(pieces, params, "test", 50, 2, max_shard_tasks=16)
     assert whole.sizes == [50] and pieces.sizes == [16, 16, 16, 2]
     assert torch.allclose(a["loss"], b["loss"], rtol=1e-5)  # batched matmuls may round differently
+
+
+def test_chunks_sized_by_the_memory_budget_change_no_result(tmp_path):
+    """algorithm.chunk_memory_mb=1 (one task per vmap call by mtl_ray.memory's estimate of a 0.8 MB task) trains to
+    the weights of one vmap call per shard: chunking changes nothing but memory (and float rounding)."""
+    from mtl_ray.distributed.worker import ShardWorker
+
+    raw = {"data": {"source": "digits", "image_size": 16, "ways": 3, "shots": 1, "queries": 3},
+           "model": {"name": "conv4", "channels": 8}, "algorithm": {"name": "maml", "inner_lr": 0.1},
+           "optim": {"optimizer": "sgd", "outer_lr": 0.1, "meta_batch_size": 6, "steps": 3, "val_every": 0},
+           "tracking": {"checkpoint_every": 0, "progress": False}}
+    small, whole = from_dict(raw, ["algorithm.chunk_memory_mb=1"]), from_dict(raw, ["algorithm.task_chunk_size=6"])
+    worker = ShardWorker(small)
+    batch = worker.learner.source.sample("train", 0, range(6))
+    assert worker.learner.algorithm.chunks(batch, True, 1) == [(i, i + 1) for i in range(6)]
+    assert worker.learner.algorithm.chunks(batch, False, 1) == [(0, 2), (2, 4), (4, 6)]  # no outer graph: 2 fit
+    a, b = MetaTrainer.create(small, tmp_path / "a"), MetaTrainer.create(whole, tmp_path / "b")
+    a.fit()
+    b.fit()
+    for k in b.params:
+        assert torch.allclose(a.params[k], b.params[k], rtol=1e-5, atol=1e-6), k
