@@ -71,6 +71,18 @@ def check_params(expected: dict[str, torch.Tensor], params: dict[str, torch.Tens
                         f"pass matching key=value overrides or use a metric learner (protonet).")
 
 
+def _key(name: str) -> str:
+    return M.META_TEST_ACC if name == "acc" else M.META_TEST_LOSS if name == "loss" else f"meta_test/{name}"
+
+
+def _report(key: str, name: str, values: torch.Tensor, note: str, out: TextIO) -> dict[str, float]:
+    """Print ``key``'s mean and 95% CI over ``values`` (accuracy in %) and return them by metric name."""
+    mean, half = mean_ci95(values)
+    scale, unit = (100.0, "%") if name == "acc" else (1.0, "")
+    print(f"  {key}: {mean * scale:.2f}{unit} ± {half * scale:.2f}{unit} (95% CI{note})", file=out)
+    return {key: mean, key + "_ci95": half}
+
+
 def evaluate(ckpt_path: str, *, overrides: Sequence[str] = (), split: str = "test", episodes: int = 600,
              lake: str | None = None, out: TextIO | None = None) -> dict[str, float]:
     """Score the checkpoint at ``ckpt_path`` (a ``.pt`` file or a run directory: its latest checkpoint).
@@ -117,9 +129,15 @@ def evaluate(ckpt_path: str, *, overrides: Sequence[str] = (), split: str = "tes
     print(f"meta-test on {d.source}/{split}: {episodes} episodes, {task}, {steps} inner steps, step {ck.step} "
           f"[{method}]", file=out)
     for name, values in per_task.items():
-        mean, half = mean_ci95(values)
-        key = M.META_TEST_ACC if name == "acc" else M.META_TEST_LOSS if name == "loss" else f"meta_test/{name}"
-        scale, unit = (100.0, "%") if name == "acc" else (1.0, "")
-        print(f"  {key}: {mean * scale:.2f}{unit} ± {half * scale:.2f}{unit} (95% CI)", file=out)
-        result[key], result[key + "_ci95"] = mean, half
+        result.update(_report(_key(name), name, values, "", out))
+    # a multi-domain source (mtl_ray/data/multidomain.py) says each episode's domain: the same numbers per domain,
+    # as Meta-Dataset reports them (a mean over domains hides a domain the model fails on)
+    episode_domains = getattr(learner.source, "episode_domains", None)
+    if callable(episode_domains):
+        domains = episode_domains(split, 0, range(episodes))
+        for domain in sorted(set(domains)):
+            keep = torch.tensor([d == domain for d in domains])
+            for name, values in per_task.items():
+                result.update(_report(f"{_key(name)}/{domain}", name, values[keep], f", {int(keep.sum())} episodes",
+                                      out))
     return result
