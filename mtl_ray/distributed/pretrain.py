@@ -49,6 +49,8 @@ from mtl_ray.checkpoint import (
 from mtl_ray.components import from_dict
 from mtl_ray.config import Config, UserError
 from mtl_ray.data import load_source
+from mtl_ray.data.augment import pretrain_params
+from mtl_ray.data.registry import channel_stats
 from mtl_ray.data.supervised import LabelledImages, batch_indices, supervised_split
 from mtl_ray.distributed.driver import Callback
 from mtl_ray.models import build_model, initial_params
@@ -71,8 +73,11 @@ class PretrainSummary:
 
 
 def pretrain_data(cfg: Config) -> tuple[LabelledImages, LabelledImages]:
-    """(training, held-out) examples over every class of the config's train split."""
-    return supervised_split(load_source(cfg).splits["train"], cfg.pretrain.holdout, cfg.seed)
+    """(training, held-out) examples over every class of the config's train split, normalised as the run's
+    meta-training tasks are (``data.channel_mean``/``channel_std``)."""
+    mean, std = channel_stats(cfg)
+    return supervised_split(load_source(cfg).splits["train"], cfg.pretrain.holdout, cfg.seed, channel_mean=mean,
+                            channel_std=std)
 
 
 def build_optimizer(cfg: Config, params: Sequence[torch.Tensor]) -> torch.optim.Optimizer:
@@ -160,9 +165,11 @@ def _pretrain(cfg: Config, resume_from: str) -> None:
     t0, images = time.perf_counter(), 0
     last: dict[str, float] = dict(start.metrics) if start is not None else {}
     while step < p.steps:
-        idx = batch_indices(cfg.seed, step, len(train), p.batch_size)[rank::world]
-        x, y = train.batch(idx)
-        x, y = x.to(device), y.to(device)
+        batch = batch_indices(cfg.seed, step, len(train), p.batch_size)
+        idx = batch[rank::world]
+        # pretrain.augment: the global batch's parameters, this worker's share, applied on its device
+        aug = pretrain_params(cfg.seed, step, len(batch), *x_shape[1:])[rank::world] if p.augment else None
+        x, y = train.batch(idx, device=device, augment=aug)
         out = train_forward(model, cfg, step, idx, x)
         loss = F.cross_entropy(out, y)
         optimizer.zero_grad(set_to_none=True)

@@ -45,7 +45,10 @@ def pretrain(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: boo
              out: TextIO | None = None) -> PretrainSummary:
     """Pretrain ``cfg`` on Ray Train into ``run_dir`` (from its latest checkpoint when ``resume``; a used
     ``run_dir`` only with ``resume`` or ``overwrite``, as for :func:`mtl_ray.recipes.train.train`)."""
+    from mtl_ray.data.registry import with_channel_stats
+
     out = sys.stdout if out is None else out
+    cfg = with_channel_stats(cfg)  # the normalisation it trains with, recorded in config.yaml and every checkpoint
     plan = prepare_run(cfg, run_dir, resume=resume, overwrite=overwrite, stage=PRETRAIN_STAGE)
     begin_run(cfg, plan, out)
     start = plan.step

@@ -49,7 +49,10 @@ def train(cfg: Config, run_dir: Path, *, resume: bool = False, overwrite: bool =
     """
     import torch
 
+    from mtl_ray.data.registry import with_channel_stats
+
     out = sys.stdout if out is None else out  # looked up per call: the stdout of the moment (captured, redirected)
+    cfg = with_channel_stats(cfg)  # the normalisation it trains with, recorded in config.yaml and every checkpoint
     plan = prepare_run(cfg, run_dir, resume=resume, overwrite=overwrite, stage=META_STAGE)
     if cfg.scaling.torch_threads:
         torch.set_num_threads(cfg.scaling.torch_threads)
