@@ -233,6 +233,13 @@ def no_stats(cfg: Config) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return (), ()
 
 
+class AugmentingSource(Protocol):
+    """A task source whose ``sample`` takes ``augment=True``: the image sources (a :class:`PoolTaskSource`, or one
+    composed of them), the only ones ``data.augment`` may be set for (mtl_ray.components refuses it elsewhere)."""
+
+    def sample(self, split: str, step: int, indices: Sequence[int], *, augment: bool = False) -> TaskBatch: ...
+
+
 class Augmenter(Protocol):
     """What :class:`PoolTaskSource` needs of an augmentation (:class:`mtl_ray.data.augment.Augment`)."""
 

@@ -10,13 +10,14 @@ import contextlib
 import json
 import time
 from collections.abc import Iterator, Sequence
+from typing import cast
 
 import torch
 
 from mtl_ray.algorithms import Params, ShardResult, build_learner
 from mtl_ray.components import from_dict
 from mtl_ray.config import Config
-from mtl_ray.data.base import PoolTaskSource, TaskBatch
+from mtl_ray.data.base import AugmentingSource, PoolTaskSource, TaskBatch
 from mtl_ray.memory import chunk_limit
 from mtl_ray.runtime import fp32_precision, tune_allocator
 
@@ -55,8 +56,8 @@ class ShardWorker:
         """``augment``: meta-training's tasks, whose support sets data.augment transforms (validation's never)."""
         source = self.learner.source
         assert source is not None, "a ShardWorker's learner is built with its task source"
-        if augment and isinstance(source, PoolTaskSource):
-            return source.sample(split, step, indices, augment=True).to(self.device, self.dtype)
+        if augment and self.cfg.data.augment:  # set only for image sources, whose sample takes augment=
+            return cast(AugmentingSource, source).sample(split, step, indices, augment=True).to(self.device, self.dtype)
         return source.sample(split, step, indices).to(self.device, self.dtype)
 
     def _params(self, params: Params) -> Params:
