@@ -44,8 +44,10 @@ def link_zips(shared: Path, root: Path, names: tuple[str, ...] = SMALL_ZIPS) -> 
 
 @pytest.fixture(scope="session")
 def omniglot_root(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A writable data root holding links to the two small zips, with the 28px cache built once."""
+    """A writable data root holding links to the two small zips (28px cache built once), fonts/ and fashion-mnist/."""
     root = link_zips(shared_data, tmp_path_factory.mktemp("omniglot_root"))
+    for name in ("fonts", "fashion-mnist"):  # the other domains of the shipped multi-domain config
+        os.symlink(shared_data / name, root / name)
     omniglot.load_omniglot_table(from_dict({"data": {"root": str(root)}}).data)
     return root
 

@@ -154,6 +154,8 @@ if __name__ == "__main__":  # --write: run every config and store its losses; --
             root.mkdir(parents=True)
             for z in (shared / "omniglot").glob("*.zip"):
                 (root / z.name).symlink_to(z)
+            for name in ("fonts", "fashion-mnist"):
+                (root.parent / name).symlink_to(shared / name)
             compute_all(root.parent, Path(tmp), STORED)
         print(f"wrote {STORED}: {', '.join(CONFIGS)}")
     else:
