@@ -63,7 +63,7 @@ _DAMAGED = ("the file is truncated or damaged, or not a checkpoint of this mtl-r
 # step 0 only) are found, and the run's labels. docs/runs.md lists them too.
 RESUME_MAY_CHANGE: frozenset[str] = frozenset({
     "name",
-    "data.root", "data.download",
+    "data.root", "data.download", "data.cache_dir",  # where data is found or cached, not what it is
     "model.init", "model.conv_impl",
     "algorithm.task_chunk_size", "algorithm.chunk_memory_mb", "algorithm.compile",
     "optim.steps", "optim.max_minutes", "optim.val_every", "optim.val_tasks",

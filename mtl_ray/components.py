@@ -12,6 +12,7 @@ builds its configs here, so none can skip the component checks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,8 @@ def component_problems(cfg: Config) -> list[str]:
 
     if model is not None:
         p += model.config_problems(cfg)
-        if m.dropblock and "dropblock" not in model.config_keys:  # set but never read: refuse, do not ignore
+        # set but never read: refuse, do not ignore (a non-finite value has its own problem already)
+        if m.dropblock and math.isfinite(m.dropblock) and "dropblock" not in model.config_keys:
             dropping = [n for n, cls in MODELS.items() if "dropblock" in cls.config_keys]
             p.append(f"model.dropblock: got {m.dropblock} with model.name={m.name}, expected 0 ({m.name} has no "
                      f"DropBlock; {', '.join(dropping)} has)")

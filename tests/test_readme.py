@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from miniatures import mini_imagenet_table
 
 from mtl_ray import cli
 from mtl_ray.components import from_dict, load_config
@@ -495,6 +496,7 @@ def test_mtl_ray_validate_accepts_every_shipped_config(omniglot_root, tmp_path, 
     pretrain_cfg = load_config(REPO / "jobs" / "configs" / "omniglot_pretrain.yaml")
     t = pretrain_cfg.tracking
     pretrained_stub(pretrain_cfg, tmp_path / t.run_dir / t.run_name / "checkpoints")  # where pretraining puts it
+    mini_imagenet_table(tmp_path, 84)  # the converted table the ResNet-12 config names, where it looks first (cwd)
     out = run_cli(["validate", *configs], data_root=omniglot_root, cwd=tmp_path).stdout
     assert out.split() == [w for c in configs for w in ("ok:", c)], out
 
