@@ -35,6 +35,8 @@ NORM_SUPPORT = "support"  # the task's support set, fixed at adaptation: a query
 NORM_TRANSDUCTIVE = "transductive"  # each forward pass's own batch: a query's answer depends on the other queries
 NORMS = (NORM_SUPPORT, NORM_TRANSDUCTIVE)
 DATA_AUGMENTS = ("", "support")  # data.augment: off, or the support sets of meta-training tasks
+REDUCE_FLAT, REDUCE_NODE = "flat", "node"  # scaling.reduce: shard sums straight to the driver, or summed per node
+REDUCE_MODES = (REDUCE_FLAT, REDUCE_NODE)
 
 
 class UserError(ValueError):
@@ -185,6 +187,10 @@ class ScalingConfig:
     # meta-gradients stay fp32); "fp64": float64 weights and inputs in training, validation and eval (slow; for
     # checking numerics: the same numbers on any CPU). CPU: tf32 is fp32.
     precision: str = "fp32"
+    # how the workers' meta-gradients reach the driver: "flat", each worker's shard sum goes to the driver; "node",
+    # the shard sums of the workers on one node are added there (in its object store) and one sum a node crosses to
+    # the driver (docs/scaling.md). The same weights either way, to float rounding.
+    reduce: str = REDUCE_FLAT
 
 
 @dataclass(frozen=True)
@@ -556,6 +562,7 @@ def check_static(cfg: Config) -> list[str]:
     _positive(p, "scaling.max_restarts", s.max_restarts, allow_zero=True)
     _positive(p, "scaling.step_timeout_s", s.step_timeout_s)
     _choice(p, "scaling.precision", s.precision, ("fp32", "tf32", "bf16", "fp64"))
+    _choice(p, "scaling.reduce", s.reduce, REDUCE_MODES)
     _positive(p, "pretrain.num_workers", pt.num_workers)
     _positive(p, "pretrain.steps", pt.steps)
     _positive(p, "pretrain.batch_size", pt.batch_size)

@@ -10,11 +10,19 @@ the same call. Shards are pure functions of (seed, split, step, indices) and eac
 kept exactly once, so a re-run neither loses nor double-counts a task. A call whose shards are not
 all back within ``scaling.step_timeout_s`` raises :class:`StepTimeoutError` instead of hanging.
 Exceptions raised by the worker's own code (bad data, a bug) are not faults and propagate at once.
+
+Reduction (``scaling.reduce``): ``flat`` brings every shard's gradient sum to the driver. ``node`` keeps each
+shard's gradients in the object store of the node that computed them (the driver fetches only the shard's task
+count and metric sums), adds the shards of one node there (:func:`node_sum`, pinned to that node) and brings one
+sum per node to the driver: what crosses the network grows with nodes, not workers (docs/scaling.md). A node
+whose sum cannot be made (it was lost with its objects) has its shards re-run as flat ones: still each exactly
+once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,10 +31,11 @@ from typing import Any
 import numpy as np
 import ray
 import torch
-from ray.exceptions import RayActorError
+from ray.exceptions import RayActorError, RayError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mtl_ray.algorithms import Params, ShardResult
-from mtl_ray.config import Config, UserError
+from mtl_ray.config import REDUCE_NODE, Config, UserError
 from mtl_ray.distributed.worker import ShardWorker, resolve_device
 from mtl_ray.ray_session import connect
 
@@ -51,12 +60,24 @@ class WorkerActor:
     def meta_gradient(self, params: dict[str, np.ndarray], step: int, indices: Sequence[int]) -> ShardResult:
         return self.worker.meta_gradient(from_numpy(params), step, indices)
 
+    def meta_gradient_parts(self, params: dict[str, np.ndarray], step: int,
+                            indices: Sequence[int]) -> tuple[ShardResult, Params]:
+        """:meth:`meta_gradient` as two objects (called with ``num_returns=2``): the result without its gradients,
+        which the driver fetches, and the gradients, which stay in this node's object store for :func:`node_sum`."""
+        result = self.meta_gradient(params, step, indices)
+        return dataclasses.replace(result, grads={}), result.grads
+
     def evaluate(self, params: dict[str, np.ndarray], split: str, step: int, indices: Sequence[int],
                  inner_steps: int) -> dict[str, torch.Tensor]:
         return self.worker.evaluate(from_numpy(params), split, step, indices, inner_steps)
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+
+def node_sum(*grads: Params) -> Params:
+    """The sum of shard gradients, in the order given (run on the node that holds them: ``scaling.reduce=node``)."""
+    return {k: torch.stack([g[k] for g in grads]).sum(0) for k in grads[0]}
 
 
 def to_numpy(params: Params) -> dict[str, np.ndarray]:
@@ -76,7 +97,8 @@ class RayExecutor:
     others can do the work.
     """
 
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, actor_cls: type = WorkerActor):
+        """``actor_cls``: the worker actor's class (:class:`WorkerActor`; bench/scaling_sim.py passes a stand-in)."""
         s = cfg.scaling
         self.cfg = cfg
         self.num_shards = s.num_workers
@@ -97,7 +119,10 @@ class RayExecutor:
         self.faults = 0  # shards re-run because their actor died
         self.replaced = 0  # actors replaced because they will not come back by themselves
         self._cfg_json = cfg.to_json()
-        self._actor_cls = ray.remote(WorkerActor).options(
+        self._nodes: dict[int, str] = {}  # slot -> the node its actor was on when last seen up
+        self._deadline = 0.0  # when the call in flight times out (time.monotonic())
+        self._node_sum: Any = ray.remote(num_cpus=0)(node_sum)
+        self._actor_cls: Any = ray.remote(actor_cls).options(
             num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker, max_restarts=s.max_restarts,
             max_task_retries=0,  # this executor re-runs shards itself, so nothing runs twice unseen
             # Inside a Tune trial the actors must land in the trial's placement group (the default
@@ -126,8 +151,42 @@ class RayExecutor:
 
     # ------------------------------------------------------------------ the Executor protocol
     def meta_gradients(self, params: Params, step: int, shards: Sequence[Sequence[int]]) -> list[ShardResult]:
+        """Flat: every shard's result. Node: one result per node, the sum of its shards' (and flat results for
+        shards re-run after their node's sum was lost); the driver's task-weighted mean is the same either way."""
         ref = ray.put(to_numpy(params))  # one broadcast per step: every actor reads the same object
-        return self._run(lambda a, s: a.meta_gradient.remote(ref, step, list(s)), shards, f"step {step}")
+        if self.cfg.scaling.reduce != REDUCE_NODE:
+            return self._run(lambda a, s: a.meta_gradient.remote(ref, step, list(s)), shards, f"step {step}")
+        what = f"step {step}"
+        parts = self._run(lambda a, s: a.meta_gradient_parts.options(num_returns=2).remote(ref, step, list(s)),
+                          shards, what)
+        by_node: dict[str, list[int]] = {}
+        for i, (_, _, node) in enumerate(parts):
+            by_node.setdefault(node, []).append(i)
+        sums = {node: self._node_sum.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
+                .remote(*[parts[i][1] for i in idx]) for node, idx in by_node.items()}
+        out: list[ShardResult] = []
+        lost: list[int] = []
+        for node, idx in by_node.items():
+            try:
+                grads = ray.get(sums[node], timeout=max(self._deadline - time.monotonic(), 0.0))
+            except ray.exceptions.GetTimeoutError:
+                self._timeout(what, idx, len(shards))
+            except RayError as e:  # the node (and the gradients it held) went away: run its shards again
+                self.faults += len(idx)
+                log.warning("%s: the sum of node %s's shards %s failed (%s); re-running them", what, node[:8], idx,
+                            type(e).__name__)
+                lost += idx
+                continue
+            metas = [parts[i][0] for i in idx]
+            metrics: dict[str, float] = {}
+            for m in metas:
+                for k, v in m.metrics.items():
+                    metrics[k] = metrics.get(k, 0.0) + v
+            out.append(ShardResult(grads=grads, num_tasks=sum(m.num_tasks for m in metas), metrics=metrics,
+                                   seconds=max(m.seconds for m in metas)))
+        if lost:
+            out += self._run(lambda a, s: a.meta_gradient.remote(ref, step, list(s)), [shards[i] for i in lost], what)
+        return out
 
     def evaluate(self, params: Params, split: str, step: int, shards: Sequence[Sequence[int]],
                  inner_steps: int) -> list[dict[str, torch.Tensor]]:
@@ -159,7 +218,7 @@ class RayExecutor:
                 if probe.hex() not in done:
                     continue
                 try:
-                    ray.get(probe)
+                    self._nodes[i] = ray.get(probe)
                     slots.append(i)
                 except RayActorError as e:  # it died again while coming up
                     self._heal(i, e)
@@ -171,26 +230,31 @@ class RayExecutor:
             ray.wait(self._probes, num_returns=1, timeout=min(left, 1.0))
 
     def _run(self, call: Callable[[Any, Sequence[int]], Any], shards: Sequence[Sequence[int]], what: str) -> list:
-        deadline = time.monotonic() + self.timeout_s
+        """Each shard's result, in shard order. A ``call`` that returns two refs (``num_returns=2``) gives
+        ``(first's value, second ref, node id of the actor that made them)`` per shard: the second is not fetched."""
+        deadline = self._deadline = time.monotonic() + self.timeout_s
         results: list[Any] = [None] * len(shards)
-        pending: dict[Any, tuple[int, int]] = {}  # ref -> (shard, slot)
+        pending: dict[Any, tuple[int, int, Any]] = {}  # ref -> (shard, slot, the call's second ref or None)
         todo = list(range(len(shards)))
         while todo or pending:
             if todo:
                 slots = self._ready_slots(deadline)
                 if not slots:
-                    self._timeout(what, sorted(todo + [i for i, _ in pending.values()]), len(shards))
+                    self._timeout(what, sorted(todo + [i for i, _, _ in pending.values()]), len(shards))
                 for k, i in enumerate(todo):
                     slot = slots[k % len(slots)]
-                    pending[self.submit(slot, call, shards[i])] = (i, slot)
+                    out = self.submit(slot, call, shards[i])
+                    first, second = (out[0], out[1]) if isinstance(out, list) else (out, None)
+                    pending[first] = (i, slot, second)
                 todo = []
             left = deadline - time.monotonic()
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(left, 0.0))
             if not ready:
-                self._timeout(what, sorted(i for i, _ in pending.values()), len(shards))
-            i, slot = pending.pop(ready[0])
+                self._timeout(what, sorted(i for i, _, _ in pending.values()), len(shards))
+            i, slot, second = pending.pop(ready[0])
             try:
-                results[i] = ray.get(ready[0])
+                value = ray.get(ready[0])
+                results[i] = value if second is None else (value, second, self._nodes[slot])
             except RayActorError as e:
                 self.faults += 1
                 log.warning("%s: worker %d failed (%s); re-running its shard %d on a live worker", what, slot,

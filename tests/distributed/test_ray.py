@@ -61,6 +61,38 @@ def test_n_workers_match_in_process(ray_cluster, reference, workers, tmp_path):
     assert summary.final_val == pytest.approx(reference["val"], rel=1e-5)
 
 
+@pytest.fixture
+def second_node(ray_cluster):
+    """A second node (2 CPUs) beside the session's head, removed after the test."""
+    node = ray_cluster.add_node(num_cpus=2)
+    ray_cluster.wait_for_nodes()
+    yield node
+    if node in ray_cluster.worker_nodes:
+        ray_cluster.remove_node(node)
+
+
+@pytest.mark.cluster
+def test_node_reduce_sums_on_each_node_and_matches_in_process(ray_cluster, second_node, reference, tmp_path):
+    """scaling.reduce=node: one result per node reaches the driver (3 workers, 2 nodes), with the sum of that
+    node's shards; the meta-gradient and the weights after 10 steps are those of the in-process run."""
+    trainer = MetaTrainer.create(_cfg(3, **{"scaling.reduce": "node"}), tmp_path)
+    try:
+        nodes = trainer.executor.node_ids()
+        assert len(set(nodes)) == 2  # SPREAD: workers on both nodes, two on one of them
+        parts = shard(range(META_BATCH), 3)
+        results = trainer.executor.meta_gradients(trainer.params, 0, parts)
+        assert len(results) == 2 and sorted(r.num_tasks for r in results) == [2, 4]
+        grads, n, _ = reduce_results(results)
+        assert n == META_BATCH
+        _assert_same(grads, reference["grads"])
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert summary.tasks == STEPS * META_BATCH and summary.worker_faults == 0
+    _assert_same(trainer.params, reference["params"])
+    assert summary.final_val == pytest.approx(reference["val"], rel=1e-5)
+
+
 class KillOnce(RayExecutor):
     """Kills the worker that was just given a shard, once, at ``kill_step``: a fault with a step in flight."""
 
@@ -84,10 +116,11 @@ class KillOnce(RayExecutor):
         return ref
 
 
-@pytest.mark.parametrize("no_restart", [False, True], ids=["restarted", "replaced"])
-def test_worker_killed_mid_step(ray_cluster, reference, no_restart, tmp_path):
+@pytest.mark.parametrize("no_restart,reduce", [(False, "flat"), (True, "flat"), (True, "node")],
+                         ids=["restarted", "replaced", "replaced-node-reduce"])
+def test_worker_killed_mid_step(ray_cluster, reference, no_restart, reduce, tmp_path):
     """The killed shard is re-run within the step: every task counted once, weights as fault-free."""
-    cfg = _cfg(2)
+    cfg = _cfg(2, **{"scaling.reduce": reduce})
     executor = KillOnce(cfg, no_restart=no_restart)
     trainer = MetaTrainer.create(cfg, tmp_path, executor=executor)
     try:
@@ -125,11 +158,13 @@ def test_workers_that_cannot_start_fail_clearly(ray_cluster):
 
 
 @pytest.mark.cluster
-def test_node_lost_mid_run(ray_cluster, reference, tmp_path):
-    """Two nodes, workers on both; the second node is removed mid-run and training still finishes."""
+@pytest.mark.parametrize("reduce", ["flat", "node"])
+def test_node_lost_mid_run(ray_cluster, reference, reduce, tmp_path):
+    """Two nodes, workers on both; the second node is removed mid-run and training still finishes (with
+    scaling.reduce=node the lost node's shards, or its sum, are re-run: every task counted once)."""
     node = ray_cluster.add_node(num_cpus=1)
     ray_cluster.wait_for_nodes()
-    cfg = _cfg(2, **{"scaling.max_restarts": 0})
+    cfg = _cfg(2, **{"scaling.max_restarts": 0, "scaling.reduce": reduce})
 
     class RemoveNode:
         def on_metrics(self, step, metrics):
