@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from mtl_ray.algorithms import FunctionalAlgorithm, Learner, Params, TaskShape, build_learner, linear_probe, uses_head
+from mtl_ray.algorithms.finetune import FineTune, api_seed
 from mtl_ray.checkpoint import PRETRAIN_STAGE, load_checkpoint
 from mtl_ray.config import Config, UserError
 from mtl_ray.data.base import to_float_images
@@ -64,11 +65,17 @@ class AdaptedLearner:
     classes: tuple[Any, ...]
     steps: int  # inner steps the adaptation took
     inner_lr: float  # their step size
+    finetune: FineTune | None = None  # test-time fine-tuning that made ``state`` instead (algorithm.finetune_*)
 
     def __repr__(self) -> str:
         what = f"{len(self.classes)} classes {list(self.classes)!r}" if self.classes else "regression"
-        return (f"AdaptedLearner({self.algorithm.name}, {what}, steps={self.steps}, inner_lr={self.inner_lr:g}, "
-                f"norm={self.algorithm.norm})")
+        how = f"steps={self.steps}, inner_lr={self.inner_lr:g}" if self.finetune is None else self.finetune.describe()
+        return f"AdaptedLearner({self.algorithm.name}, {what}, {how}, norm={self.algorithm.norm})"
+
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        if self.finetune is not None:  # the fine-tuned body and head
+            return self.finetune.predict(self.algorithm, self.state, x)
+        return self.algorithm.predict(self.params, self.state, x)
 
     def predict_scores(self, query_x: torch.Tensor, *, transductive: bool = False) -> torch.Tensor:
         """``query_x [Q, *x_shape]`` -> scores ``[Q, N]`` (logits, or values ``[Q, 1]`` for regression).
@@ -87,9 +94,9 @@ class AdaptedLearner:
                 "transductive=True to accept batch-dependent answers for this call, or retrain with model.norm=support")
         with _COMPUTE, torch.no_grad(), fp32_precision(lrn.cfg.scaling.precision):
             if transductive and self.algorithm.transductive:
-                return self.algorithm.predict(self.params, self.state, x)
+                return self._scores(x)
             # one call per query, all of one shape: BLAS kernels round differently for different matrix sizes
-            return torch.cat([self.algorithm.predict(self.params, self.state, x[i:i + 1]) for i in range(len(x))])
+            return torch.cat([self._scores(x[i:i + 1]) for i in range(len(x))])
 
     def predict(self, query_x: torch.Tensor, *, transductive: bool = False) -> list[Any] | torch.Tensor:
         """Predicted support labels per query (classification) or predicted values ``[Q, 1]``."""
@@ -114,11 +121,31 @@ def _check_steps(steps: Any) -> int:
     return int(steps)
 
 
-def _check_lr(inner_lr: Any) -> float:
+def _check_lr(inner_lr: Any, what: str = "inner_lr") -> float:
     if isinstance(inner_lr, bool) or not isinstance(inner_lr, int | float) or not math.isfinite(inner_lr) \
             or inner_lr < 0:
-        raise UserError(f"inner_lr: got {inner_lr!r}, expected a finite number >= 0 (or None for the model's own)")
+        raise UserError(f"{what}: got {inner_lr!r}, expected a finite number >= 0 (or None for the model's own)")
     return float(inner_lr)
+
+
+def _check_finetune(steps: Any, lr: Any, augment: Any, cfg: Config) -> tuple[int, float, bool]:
+    """``adapt``'s test-time fine-tuning arguments, None taking the model's ``algorithm.finetune_*``."""
+    a = cfg.algorithm
+    if steps is None:
+        steps = a.finetune_steps
+    elif isinstance(steps, bool) or not isinstance(steps, int | float) or steps < 0 or not float(steps).is_integer():
+        raise UserError(f"finetune_steps: got {steps!r}, expected a whole number >= 0 of test-time fine-tuning steps "
+                        "(0: off; None for the model's algorithm.finetune_steps)")
+    lr = a.finetune_lr if lr is None else _check_lr(lr, "finetune_lr")
+    if augment is None:
+        augment = a.finetune_augment and int(steps) > 0  # nothing to augment without steps
+    elif not isinstance(augment, bool):
+        raise UserError(f"finetune_augment: got {augment!r}, expected True or False (or None for the model's "
+                        "algorithm.finetune_augment)")
+    if augment and not steps:
+        raise UserError("finetune_augment: got True with finetune_steps=0, expected False (it augments test-time "
+                        "fine-tuning, which is off); pass finetune_steps > 0")
+    return int(steps), float(lr), bool(augment)
 
 
 class FewShotLearner:
@@ -136,7 +163,7 @@ class FewShotLearner:
         self.params = {k: v.to(self.device, torch.float32 if v.is_floating_point() else None)
                        for k, v in params.items()}
         self.invert = invert
-        self._learners: dict[tuple[int, float], tuple[Learner, Params]] = {}
+        self._learners: dict[tuple[int, float, tuple[int, float, bool]], tuple[Learner, Params]] = {}
 
     @property
     def default_inner_lr(self) -> float:
@@ -154,17 +181,22 @@ class FewShotLearner:
         return cls(ck.config, ck.params, ck.shape, device=device, invert=invert,
                    pretrained=ck.stage == PRETRAIN_STAGE)
 
-    def _learner(self, ways: int, inner_lr: float) -> tuple[Learner, Params]:
-        """The learner for ``ways`` classes adapting at ``inner_lr`` and the meta-parameters it adapts from."""
-        key = (ways, inner_lr)
+    def _learner(self, ways: int, inner_lr: float,
+                 finetune: tuple[int, float, bool] = (0, 0.01, False)) -> tuple[Learner, Params]:
+        """The learner for ``ways`` classes adapting at ``inner_lr`` (or fine-tuned with ``finetune``: steps, lr,
+        augment) and the meta-parameters it adapts from."""
+        key = (ways, inner_lr, finetune)
         if key not in self._learners:
             shape = TaskShape(self.shape.kind, self.shape.x_shape, ways)
+            tuned = dict(zip(("algorithm.finetune_steps", "algorithm.finetune_lr", "algorithm.finetune_augment"),
+                             finetune, strict=True))
             if self.pretrained:
-                cfg, params = linear_probe(self.cfg.replace(**{"pretrain.probe_lr": inner_lr}), self.params, shape)
+                cfg, params = linear_probe(self.cfg.replace(**{"pretrain.probe_lr": inner_lr, **tuned}), self.params,
+                                           shape)
                 self._learners[key] = (build_learner(cfg, shape=shape),
                                        {k: v.to(self.device) for k, v in params.items()})
             else:
-                cfg = self.cfg.replace(**{"algorithm.inner_lr": inner_lr})
+                cfg = self.cfg.replace(**{"algorithm.inner_lr": inner_lr, **tuned})
                 self._learners[key] = (build_learner(cfg, shape=shape), self.params)
         return self._learners[key]
 
@@ -194,7 +226,8 @@ class FewShotLearner:
         return normalise(x, d.channel_mean, d.channel_std)
 
     def adapt(self, support_x: torch.Tensor, support_y: Sequence[Any] | torch.Tensor,
-              steps: int | None = None, *, inner_lr: float | None = None) -> AdaptedLearner:
+              steps: int | None = None, *, inner_lr: float | None = None, finetune_steps: int | None = None,
+              finetune_lr: float | None = None, finetune_augment: bool | None = None) -> AdaptedLearner:
         """Adapt to a support set ``support_x [S, *x_shape]``, ``support_y [S]``.
 
         ``support_y`` may hold any hashable labels (ints, strings); output ``i`` is the ``i``-th distinct label
@@ -202,10 +235,18 @@ class FewShotLearner:
         (the steps `mtl-ray eval` adapts with, not the training ``inner_steps``; for a pretrained body
         ``pretrain.probe_steps``). ``inner_lr``: the inner step size; None takes the model's ``algorithm.inner_lr``
         (pretrained body: ``pretrain.probe_lr``). Metric learners (protonet, relationnet) take no steps.
+
+        Test-time fine-tuning (Hu et al. 2022, P>M>F; mtl_ray/algorithms/finetune.py): ``finetune_steps > 0``
+        fine-tunes the body and a prototype-initialised linear head on the support set for that many full-batch
+        SGD steps of size ``finetune_lr`` instead (``finetune_augment``: each step adds an augmented copy of the
+        support set, drawn from the run's ``seed``, so the same support set always gives the same answers), for any
+        model and any number of classes. None takes the model's ``algorithm.finetune_steps`` / ``finetune_lr`` /
+        ``finetune_augment`` (what ``mtl-ray eval`` uses).
         """
         x = self._check_x(support_x, "support_x")
         steps = self.default_steps if steps is None else _check_steps(steps)
         lr = self.default_inner_lr if inner_lr is None else _check_lr(inner_lr)
+        finetune = _check_finetune(finetune_steps, finetune_lr, finetune_augment, self.cfg)
         if self.shape.kind == "regression":
             y = self._regression_targets(support_y, x.shape[0])
             classes: tuple[Any, ...] = ()
@@ -217,16 +258,21 @@ class FewShotLearner:
             if ways < 2:
                 raise UserError(f"support_y: got {ways} distinct label(s) {list(classes)!r}, expected at least 2 "
                                 "classes to tell apart")
-            if uses_head(self.cfg.algorithm.name) and ways != self.shape.ways and not self.pretrained:
+            if uses_head(self.cfg.algorithm.name) and ways != self.shape.ways and not self.pretrained \
+                    and not finetune[0]:  # fine-tuning starts a head of its own
                 raise UserError(f"support set: got {ways} classes, expected {self.shape.ways} (this "
                                 f"{self.cfg.algorithm.name} model has a {self.shape.ways}-way head)")
             index = {c: i for i, c in enumerate(classes)}
             y = torch.tensor([index[v] for v in labels], dtype=torch.long, device=self.device)
         # fp32_precision: the arithmetic `mtl-ray eval` uses
         with _COMPUTE, torch.no_grad(), fp32_precision(self.cfg.scaling.precision):
-            learner, params = self._learner(ways, lr)  # cached per (ways, inner_lr), in a dict the threads share
-            state = learner.algorithm.adapt(params, x, y, steps)
-        return AdaptedLearner(self, learner.algorithm, params, state, classes, steps, lr)
+            # cached per (ways, inner_lr, fine-tuning), in a dict the threads share
+            learner, params = self._learner(ways, lr, finetune)
+            if learner.finetune is None:
+                state = learner.algorithm.adapt(params, x, y, steps)
+            else:  # the same augmentation for every call: an answer depends on the support set and the query only
+                state = learner.finetune.adapt_one(learner.algorithm, params, x, y, api_seed(self.cfg.seed))
+        return AdaptedLearner(self, learner.algorithm, params, state, classes, steps, lr, learner.finetune)
 
     @staticmethod
     def _labels(support_y: Any, count: int) -> list[Any]:
@@ -278,8 +324,9 @@ class FewShotLearner:
             arrays.append(decode_image(data, image_size=s, channels=c, invert=self.invert, name=str(p)))
         return to_float_images(np.stack(arrays))
 
-    def adapt_folder(self, folder: str | Path, steps: int | None = None, *,
-                     inner_lr: float | None = None) -> AdaptedLearner:
+    def adapt_folder(self, folder: str | Path, steps: int | None = None, *, inner_lr: float | None = None,
+                     finetune_steps: int | None = None, finetune_lr: float | None = None,
+                     finetune_augment: bool | None = None) -> AdaptedLearner:
         """Adapt to ``folder/<class name>/*.png|jpg``; predictions are the class names.
 
         Classes are taken in natural order of their folder names ("2" before "10"), images in each likewise.
@@ -297,4 +344,5 @@ class FewShotLearner:
                 raise UserError(f"{d}: no images (expected {', '.join(IMAGE_SUFFIXES)} files)")
             paths += files
             labels += [d.name] * len(files)
-        return self.adapt(self.load_images(paths), labels, steps, inner_lr=inner_lr)
+        return self.adapt(self.load_images(paths), labels, steps, inner_lr=inner_lr, finetune_steps=finetune_steps,
+                          finetune_lr=finetune_lr, finetune_augment=finetune_augment)

@@ -69,6 +69,7 @@ RESUME_MAY_CHANGE: frozenset[str] = frozenset({
     "optim.steps", "optim.max_minutes", "optim.val_every", "optim.val_tasks",
     "pretrain.steps", "pretrain.max_minutes", "pretrain.val_every", "pretrain.num_workers",
     "pretrain.max_failures", "pretrain.probe_steps", "pretrain.probe_lr",
+    "algorithm.finetune_steps", "algorithm.finetune_lr", "algorithm.finetune_augment",  # how eval adapts, not training
     "scaling.*",
     "tracking.*",
 })

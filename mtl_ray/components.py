@@ -63,6 +63,12 @@ def component_problems(cfg: Config) -> list[str]:
             p.append(f"data.path: empty, expected {source.path} when data.source={d.source}")
     if not regression and d.ways < 2:
         p.append(f"data.ways: got {d.ways}, expected >= 2 (a classification task needs two classes)")
+    if a.finetune_steps > 0 and regression:
+        p.append(f"algorithm.finetune_steps: got {a.finetune_steps} with data.source={d.source} (regression), expected "
+                 "0: test-time fine-tuning starts a head from class prototypes (classification only); set it to 0")
+    if a.finetune_augment and source is not None and not source.images:
+        p.append(f"algorithm.finetune_augment: got true with data.source={d.source}, expected false: it augments "
+                 "images (crop, flip, colour jitter); set algorithm.finetune_augment=false")
 
     if model is not None:
         p += model.config_problems(cfg)

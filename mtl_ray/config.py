@@ -127,6 +127,14 @@ class AlgorithmConfig:
     inner_steps: int = 1  # inner-loop steps on the support set in meta-training (0 for metric learners)
     eval_inner_steps: int | None = None  # inner steps when validating, evaluating and serving; None: inner_steps
     first_order: bool = False  # drop the second-order terms of the meta-gradient (FOMAML)
+    # test-time fine-tuning (Hu et al. 2022, P>M>F's last stage): validation, eval, the Python API and the served model
+    # fine-tune the body and a prototype-initialised linear head on each support set for this many full-batch SGD
+    # steps, then predict with them (mtl_ray/algorithms/finetune.py); 0: off, the algorithm adapts as it was trained
+    finetune_steps: int = 0
+    finetune_lr: float = 0.01  # step size of test-time fine-tuning (see finetune_steps), body and head alike
+    # test-time fine-tuning: each step's batch is the support set plus a copy augmented as data.augment=support does
+    # (crop, flip, colour jitter, drawn from the task's coordinates: fixed per task); image sources only
+    finetune_augment: bool = False
     # tasks per vmap call; 0 (auto): as many as algorithm.chunk_memory_mb holds by mtl_ray/memory.py's per-task estimate
     task_chunk_size: int = 0
     # memory one vmap call's tensors may take with task_chunk_size=0, in MB; 0: CPU min(1024, a quarter of the memory
@@ -544,6 +552,14 @@ def check_static(cfg: Config) -> list[str]:
         p.append(f"data.val_fraction + data.test_fraction: got {d.val_fraction + d.test_fraction}, "
                  "expected < 1 so some classes remain for training")
     _positive(p, "algorithm.inner_lr", a.inner_lr, allow_zero=True)
+    if a.finetune_steps < 0:
+        p.append(f"algorithm.finetune_steps: got {a.finetune_steps}, expected a whole number >= 0 of test-time "
+                 "fine-tuning steps (0: off); e.g. algorithm.finetune_steps=50")
+    if a.finetune_lr < 0:
+        p.append(f"algorithm.finetune_lr: got {a.finetune_lr!r}, expected a step size >= 0; e.g. the default 0.01")
+    if a.finetune_augment and a.finetune_steps == 0:  # set but never read: refuse, do not ignore
+        p.append("algorithm.finetune_augment: got true with algorithm.finetune_steps=0, expected false (it augments "
+                 "test-time fine-tuning, which is off); set algorithm.finetune_steps > 0, or finetune_augment=false")
     if a.eval_inner_steps is not None:
         _positive(p, "algorithm.eval_inner_steps", a.eval_inner_steps, allow_zero=True)
     _positive(p, "algorithm.task_chunk_size", a.task_chunk_size, allow_zero=True)

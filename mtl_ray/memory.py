@@ -230,6 +230,7 @@ def task_cost(cfg: Config, mode: str, steps: int, x_shape: tuple[int, ...] | Non
     ways = 1 if regression else d.ways
     per_example, per_task, params = activation_floats(cfg, x_shape, ways)
     alg = algorithm_class(a.name)
+    views = 0  # floats of test-time fine-tuning's augmented support copies (algorithm.finetune_augment)
     if mode == "pretrain":  # a "task" is one image; one forward/backward over the worker's share
         examples, per_task, copies, factor = 1, 0.0, 0, GRAPH_FACTOR["train"]
     else:
@@ -241,11 +242,15 @@ def task_cost(cfg: Config, mode: str, steps: int, x_shape: tuple[int, ...] | Non
         copies = PARAM_COPIES + PARAM_COPIES_PER_STEP * kept if alg.has_inner_loop else 0
         if second_order and alg.has_inner_loop:  # every inner step's graph stays for the outer backward
             factor *= 1 + SECOND_ORDER_STEP * max(steps - 1, 0) * support / max(examples, 1)
+        if mode == "eval" and a.finetune_steps > 0:  # test-time fine-tuning: a backward through the body each step,
+            factor = max(factor, GRAPH_FACTOR["train"])  # per-task copies of the body, and augmented support copies
+            copies = PARAM_COPIES + PARAM_COPIES_PER_STEP
+            views = a.finetune_steps * support * math.prod(x_shape) * 2 if a.finetune_augment else 0
     elements = examples * math.prod(x_shape)
     wide = 2 if cfg.scaling.precision == "fp64" else 1  # float64 inputs, weights and activations
     sample = SAMPLE_BYTES["regression" if regression else "classification"] + (wide - 1) * FLOAT_BYTES
     inputs = elements * sample + examples * LABEL_BYTES + (REGRESSION_TASK_BYTES if regression else 0)
-    chunk = wide * FLOAT_BYTES * ((examples * per_example + per_task) * factor + params * copies)
+    chunk = wide * FLOAT_BYTES * ((examples * per_example + per_task) * factor + params * copies + views)
     return TaskCost(examples=examples, inputs=int(inputs), chunk=int(chunk))
 
 

@@ -222,6 +222,11 @@ class FunctionalAlgorithm:
         """The entries of ``params`` that belong to the model (drops learned inner rates etc.)."""
         return {k: v for k, v in params.items() if not k.startswith(EXTRA_PREFIX)}
 
+    def body_weights(self, params: Params) -> Params:
+        """The body's weights, ``body.`` prefix removed, as this algorithm's features use them (what test-time
+        fine-tuning, mtl_ray/algorithms/finetune.py, starts from); MTL's are scaled and shifted."""
+        return {k[len("body."):]: v for k, v in params.items() if k.startswith("body.")}
+
     def apply(self, params: Params, x: torch.Tensor) -> torch.Tensor:
         """The whole model on ``x`` alone: batch statistics from ``x`` (the support set itself, in ``adapt``)."""
         return functional_call(self.model, params, (x,))

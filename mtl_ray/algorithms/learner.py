@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mtl_ray.algorithms.base import FunctionalAlgorithm, Params
+from mtl_ray.algorithms.finetune import FineTune
 from mtl_ray.algorithms.registry import algorithm_class
 from mtl_ray.config import Config
 from mtl_ray.data import build_task_source
@@ -39,6 +40,9 @@ class Learner:
     model: nn.Module
     algorithm: FunctionalAlgorithm
     source: TaskSource | None = None
+    # algorithm.finetune_steps > 0: test-time fine-tuning, how validation, eval, the API and serving adapt instead of
+    # algorithm.adapt/predict (mtl_ray/algorithms/finetune.py); None: as trained
+    finetune: FineTune | None = None
 
 
 def build_algorithm(cfg: Config, model: nn.Module, kind: TaskKind, ways: int) -> FunctionalAlgorithm:
@@ -57,7 +61,8 @@ def build_learner(cfg: Config, source: TaskSource | None = None, shape: TaskShap
         shape = TaskShape.of(source)
     cls = algorithm_class(cfg.algorithm.name)
     model = build_model(cfg, shape.x_shape, shape.ways if cls.uses_head else 0, cls=cls.model_class)
-    return Learner(shape, model, build_algorithm(cfg, model, shape.kind, shape.ways), source)
+    return Learner(shape, model, build_algorithm(cfg, model, shape.kind, shape.ways), source,
+                   FineTune.from_config(cfg))
 
 
 def check_param_shapes(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor], what: str,

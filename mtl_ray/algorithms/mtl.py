@@ -72,3 +72,6 @@ class MTL(ANIL):
 
     def features(self, params: Params, x: torch.Tensor, state: State | None = None) -> torch.Tensor:
         return super().features({**params, **self.modulated_body(params)}, x, state)
+
+    def body_weights(self, params: Params) -> Params:
+        return super().body_weights(self.modulated_body(params))

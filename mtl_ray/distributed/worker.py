@@ -15,6 +15,7 @@ from typing import cast
 import torch
 
 from mtl_ray.algorithms import Params, ShardResult, build_learner
+from mtl_ray.algorithms.finetune import finetune_seed
 from mtl_ray.components import from_dict
 from mtl_ray.config import Config
 from mtl_ray.data.base import AugmentingSource, PoolTaskSource, TaskBatch
@@ -77,6 +78,12 @@ class ShardWorker:
                  inner_steps: int) -> dict[str, torch.Tensor]:
         """Per-task metrics ``{name: [len(indices)]}`` after adaptation with ``inner_steps`` steps."""
         batch = self._sample(split, step, indices)
+        finetune = self.learner.finetune  # algorithm.finetune_steps > 0: test-time fine-tuning instead
         with self._numerics():
-            out = self.learner.algorithm.evaluate(self._params(params), batch, inner_steps)
+            if finetune is None:
+                out = self.learner.algorithm.evaluate(self._params(params), batch, inner_steps)
+            else:  # each task's augmentation from its own coordinates: the same in any shard or chunk
+                seeds = [finetune_seed(self.cfg.seed, split, step, int(i)) for i in indices] if finetune.augment \
+                    else None
+                out = finetune.evaluate(self.learner.algorithm, self._params(params), batch, seeds)
         return {k: v.cpu() for k, v in out.items()}

@@ -17,11 +17,13 @@ import torch
 
 from mtl_ray import metrics as M
 from mtl_ray.algorithms import Params, TaskShape, build_learner, check_param_shapes, linear_probe, uses_head
+from mtl_ray.algorithms.finetune import FineTune, api_seed
 from mtl_ray.checkpoint import PRETRAIN_STAGE, load_checkpoint
 from mtl_ray.components import from_dict
 from mtl_ray.config import Config, ConfigError, UserError
 from mtl_ray.data import is_regression
 from mtl_ray.data.lake import WAYS, LakeRun, default_lake_path, lake_error_rate, load_lake_runs
+from mtl_ray.models import HEAD_PREFIX
 
 
 class EvalError(UserError):
@@ -40,7 +42,8 @@ def lake_predictions(cfg: Config, params: Params, shape: TaskShape, runs: list[L
                      inner_steps: int) -> list[torch.Tensor]:
     """Predicted class indices ``[20]`` for each of Lake's 20-way one-shot runs."""
     ways = int(runs[0].support_y.numel())
-    if uses_head(cfg.algorithm.name) and shape.ways != ways:
+    # test-time fine-tuning starts a head of its own from the prototypes: any number of ways
+    if uses_head(cfg.algorithm.name) and shape.ways != ways and not cfg.algorithm.finetune_steps:
         raise EvalError(f"data.ways: the checkpoint was trained {shape.ways}-way with a {shape.ways}-output head, "
                         f"expected {ways} for Lake's {ways}-way runs; train with data.ways={ways} or use protonet")
     x_shape = tuple(runs[0].support_x.shape[1:])
@@ -48,12 +51,16 @@ def lake_predictions(cfg: Config, params: Params, shape: TaskShape, runs: list[L
         raise EvalError(f"image shape: Lake runs give {x_shape}, the checkpoint expects {tuple(shape.x_shape)}; "
                         f"load the runs at data.image_size={shape.x_shape[-1]}")
     learner = build_learner(cfg, shape=TaskShape(shape.kind, x_shape, ways))
-    alg = learner.algorithm
+    alg, finetune = learner.algorithm, learner.finetune
     preds = []
     with torch.no_grad():
-        for run in runs:
-            state = alg.adapt(params, run.support_x, run.support_y, inner_steps)
-            preds.append(alg.predict(params, state, run.query_x).argmax(-1))
+        for r, run in enumerate(runs):
+            if finetune is None:
+                state = alg.adapt(params, run.support_x, run.support_y, inner_steps)
+                preds.append(alg.predict(params, state, run.query_x).argmax(-1))
+            else:  # run r's augmentation (algorithm.finetune_augment) from (seed, r)
+                state = finetune.adapt_one(alg, params, run.support_x, run.support_y, api_seed(cfg.seed, r))
+                preds.append(finetune.predict(alg, state, run.query_x).argmax(-1))
     return preds
 
 
@@ -105,6 +112,9 @@ def evaluate(ckpt_path: str, *, overrides: Sequence[str] = (), split: str = "tes
         shape = TaskShape(ck.shape.kind, ck.shape.x_shape, WAYS if lake is not None else cfg.data.ways)
         cfg, params = linear_probe(cfg, ck.params, shape)
         method = f"pretrained body + linear head, lr {cfg.algorithm.inner_lr:g}"
+    finetune = FineTune.from_config(cfg)
+    if finetune is not None:  # algorithm.finetune_steps > 0: body + prototype-initialised head fine-tuned per task
+        method += f", test-time {finetune.describe()}"
     method += f", model.norm={cfg.model.norm}"  # transductive scores depend on the queries scored together
     steps = cfg.eval_inner_steps
     result: dict[str, float] = {"step": float(ck.step)}
@@ -121,8 +131,10 @@ def evaluate(ckpt_path: str, *, overrides: Sequence[str] = (), split: str = "tes
         raise ConfigError(problems)
     executor = LocalExecutor(cfg)
     learner = executor.worker.learner
-    check_params(learner.algorithm.init_params(dict(learner.model.named_parameters())), params,
-                 f"checkpoint {ckpt_path}")
+    expected = learner.algorithm.init_params(dict(learner.model.named_parameters()))
+    if finetune is not None:  # fine-tuning reads the body only (its head starts from the prototypes): any data.ways
+        expected, params = ({k: v for k, v in d.items() if not k.startswith(HEAD_PREFIX)} for d in (expected, params))
+    check_params(expected, params, f"checkpoint {ckpt_path}")
     per_task = evaluate_tasks(executor, params, split, episodes, steps, max_shard_tasks=cfg.optim.meta_batch_size)
     d = cfg.data
     task = "regression" if is_regression(cfg) else f"{d.ways}-way {d.shots}-shot"
