@@ -320,11 +320,12 @@ def example_input(shape: TaskShape) -> dict[str, np.ndarray]:
             "query_x": np.zeros((1, *x), np.float32)}
 
 
-def default_pip_requirements() -> list[str]:
+def default_pip_requirements(augment: bool = False) -> list[str]:
     """The packages loading and predicting need, pinned to the installed versions (torch without its local
-    ``+cpu``/``+cuXYZ`` label, so ``torch==X.Y.Z`` is met by whichever build the serving machine has)."""
+    ``+cpu``/``+cuXYZ`` label, so ``torch==X.Y.Z`` is met by whichever build the serving machine has); ``augment``:
+    also kornia, for a model that augments its support sets when it adapts (``algorithm.finetune_augment``)."""
     reqs = []
-    for dist in _RUNTIME_PACKAGES:
+    for dist in (*_RUNTIME_PACKAGES, *(("kornia",) if augment else ())):
         try:
             reqs.append(f"{dist}=={version(dist).split('+')[0]}")
         except PackageNotFoundError:
@@ -382,7 +383,8 @@ def log_fewshot_model(checkpoint_path: str | Path, name: str = "model", input_ex
         signature=fewshot_signature(ck.shape),
         input_example=input_example,
         code_paths=[str(Path(mtl_ray.__file__).resolve().parent)],
-        pip_requirements=list(pip_requirements) if pip_requirements is not None else default_pip_requirements(),
+        pip_requirements=list(pip_requirements) if pip_requirements is not None
+        else default_pip_requirements(augment=ck.config.algorithm.finetune_augment),
         registered_model_name=registered_model_name,
         step=step,
     )

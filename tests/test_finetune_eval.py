@@ -145,3 +145,10 @@ def test_bad_finetuning_arguments_get_one_clear_error(run, kwargs, message):
     with pytest.raises(UserError) as e:
         FewShotLearner.from_checkpoint(run_dir).adapt(sx, sy.tolist(), **kwargs)
     assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_served_model_that_augments_when_it_adapts_requires_kornia():
+    from mtl_ray.serving import default_pip_requirements
+
+    assert not any(r.startswith("kornia") for r in default_pip_requirements())
+    assert any(r.startswith("kornia==") for r in default_pip_requirements(augment=True))

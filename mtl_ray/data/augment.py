@@ -23,7 +23,8 @@ The ops, on float images ``[B, C, H, W]`` in [0, 1] (before the channel normalis
   (blend with its greyscale, :func:`kornia.enhance.adjust_saturation_with_gray_subtraction`; RGB only), each
   factor ``U(0.6, 1.4)``, in that fixed order (torchvision shuffles the order per image), each clamped to [0, 1].
 
-kornia is imported on first use: the served model and the Python API never augment, and need not install it.
+kornia is imported on first use: the served model and the Python API augment only when they fine-tune with
+``algorithm.finetune_augment`` (mtl_ray/algorithms/finetune.py); otherwise they need not install it.
 """
 
 from __future__ import annotations
