@@ -121,6 +121,8 @@ class RayExecutor:
         self._cfg_json = cfg.to_json()
         self._nodes: dict[int, str] = {}  # slot -> the node its actor was on when last seen up
         self._deadline = 0.0  # when the call in flight times out (time.monotonic())
+        self.reduce = s.reduce  # scaling.reduce
+        self.broadcast_s = 0.0  # the last meta_gradients call's ray.put of the weights, in seconds
         self._node_sum: Any = ray.remote(num_cpus=0)(node_sum)
         self._actor_cls: Any = ray.remote(actor_cls).options(
             num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker, max_restarts=s.max_restarts,
@@ -153,8 +155,10 @@ class RayExecutor:
     def meta_gradients(self, params: Params, step: int, shards: Sequence[Sequence[int]]) -> list[ShardResult]:
         """Flat: every shard's result. Node: one result per node, the sum of its shards' (and flat results for
         shards re-run after their node's sum was lost); the driver's task-weighted mean is the same either way."""
+        t0 = time.perf_counter()
         ref = ray.put(to_numpy(params))  # one broadcast per step: every actor reads the same object
-        if self.cfg.scaling.reduce != REDUCE_NODE:
+        self.broadcast_s = time.perf_counter() - t0
+        if self.reduce != REDUCE_NODE:
             return self._run(lambda a, s: a.meta_gradient.remote(ref, step, list(s)), shards, f"step {step}")
         what = f"step {step}"
         parts = self._run(lambda a, s: a.meta_gradient_parts.options(num_returns=2).remote(ref, step, list(s)),
