@@ -41,7 +41,7 @@ from mtl_ray.components import from_dict, load_config
 from mtl_ray.config import REDUCE_MODES
 from mtl_ray.distributed.driver import reduce_results
 from mtl_ray.distributed.executor import shard
-from mtl_ray.distributed.ray_executor import RayExecutor, from_numpy
+from mtl_ray.distributed.ray_executor import RayExecutor, from_numpy, node_sum
 from mtl_ray.models import build_model
 
 
@@ -95,6 +95,9 @@ class StandInWorker:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def sum_grads(self, *grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return node_sum(*grads)
 
 
 def run_n(model: Model, n: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-workers", type=int, default=32)
     p.add_argument("--workers-per-node", type=int, default=8, help="GPUs per node (default 8)")
     p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

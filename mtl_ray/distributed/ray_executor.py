@@ -13,10 +13,11 @@ Exceptions raised by the worker's own code (bad data, a bug) are not faults and 
 
 Reduction (``scaling.reduce``): ``flat`` brings every shard's gradient sum to the driver. ``node`` keeps each
 shard's gradients in the object store of the node that computed them (the driver fetches only the shard's task
-count and metric sums), adds the shards of one node there (:func:`node_sum`, pinned to that node) and brings one
-sum per node to the driver: what crosses the network grows with nodes, not workers (docs/scaling.md). A node
-whose sum cannot be made (it was lost with its objects) has its shards re-run as flat ones: still each exactly
-once.
+count and metric sums), adds the shards of one node there (:func:`node_sum`, in one of its workers) and brings one
+sum per node to the driver: what crosses the network grows with nodes, not workers (docs/scaling.md). The sum
+runs in one of that node's worker actors (after its own shard: an actor runs one call at a time), not in a new
+task, which would start a Python process on a node whose CPUs the workers hold. A node whose sum cannot be made
+(its actor or its objects were lost) has its shards re-run as flat ones: still each exactly once.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import numpy as np
 import ray
 import torch
 from ray.exceptions import RayActorError, RayError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mtl_ray.algorithms import Params, ShardResult
 from mtl_ray.config import REDUCE_NODE, Config, UserError
@@ -73,6 +73,10 @@ class WorkerActor:
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def sum_grads(self, *grads: Params) -> Params:
+        """:func:`node_sum` in this actor's process, on its node (``scaling.reduce=node``)."""
+        return node_sum(*grads)
 
 
 def node_sum(*grads: Params) -> Params:
@@ -123,7 +127,6 @@ class RayExecutor:
         self._deadline = 0.0  # when the call in flight times out (time.monotonic())
         self.reduce = s.reduce  # scaling.reduce
         self.broadcast_s = 0.0  # the last meta_gradients call's ray.put of the weights, in seconds
-        self._node_sum: Any = ray.remote(num_cpus=0)(node_sum)
         self._actor_cls: Any = ray.remote(actor_cls).options(
             num_cpus=s.cpus_per_worker, num_gpus=s.gpus_per_worker, max_restarts=s.max_restarts,
             max_task_retries=0,  # this executor re-runs shards itself, so nothing runs twice unseen
@@ -164,10 +167,12 @@ class RayExecutor:
         parts = self._run(lambda a, s: a.meta_gradient_parts.options(num_returns=2).remote(ref, step, list(s)),
                           shards, what)
         by_node: dict[str, list[int]] = {}
-        for i, (_, _, node) in enumerate(parts):
+        adder: dict[str, int] = {}  # node -> the slot that adds its shards: one that computed one of them
+        for i, (_, _, node, slot) in enumerate(parts):
             by_node.setdefault(node, []).append(i)
-        sums = {node: self._node_sum.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))
-                .remote(*[parts[i][1] for i in idx]) for node, idx in by_node.items()}
+            adder.setdefault(node, slot)
+        sums = {node: self.actors[adder[node]].sum_grads.remote(*[parts[i][1] for i in idx])
+                for node, idx in by_node.items()}
         out: list[ShardResult] = []
         lost: list[int] = []
         for node, idx in by_node.items():
@@ -179,6 +184,8 @@ class RayExecutor:
                 self.faults += len(idx)
                 log.warning("%s: the sum of node %s's shards %s failed (%s); re-running them", what, node[:8], idx,
                             type(e).__name__)
+                if isinstance(e, RayActorError):  # its adder died: probe or replace it like any lost worker
+                    self._heal(adder[node], e)
                 lost += idx
                 continue
             metas = [parts[i][0] for i in idx]
@@ -235,7 +242,8 @@ class RayExecutor:
 
     def _run(self, call: Callable[[Any, Sequence[int]], Any], shards: Sequence[Sequence[int]], what: str) -> list:
         """Each shard's result, in shard order. A ``call`` that returns two refs (``num_returns=2``) gives
-        ``(first's value, second ref, node id of the actor that made them)`` per shard: the second is not fetched."""
+        ``(first's value, second ref, node id and slot of the actor that made them)`` per shard: the second is not
+        fetched."""
         deadline = self._deadline = time.monotonic() + self.timeout_s
         results: list[Any] = [None] * len(shards)
         pending: dict[Any, tuple[int, int, Any]] = {}  # ref -> (shard, slot, the call's second ref or None)
@@ -258,7 +266,7 @@ class RayExecutor:
             i, slot, second = pending.pop(ready[0])
             try:
                 value = ray.get(ready[0])
-                results[i] = value if second is None else (value, second, self._nodes[slot])
+                results[i] = value if second is None else (value, second, self._nodes[slot], slot)
             except RayActorError as e:
                 self.faults += 1
                 log.warning("%s: worker %d failed (%s); re-running its shard %d on a live worker", what, slot,

@@ -133,6 +133,35 @@ def test_worker_killed_mid_step(ray_cluster, reference, no_restart, reduce, tmp_
     _assert_same(trainer.params, reference["params"])
 
 
+class KillAdder(RayExecutor):
+    """scaling.reduce=node: kills, once, the actor about to add its node's shards (after they were computed)."""
+
+    killed = False
+
+    def _run(self, call, shards, what):
+        out = super()._run(call, shards, what)
+        if not self.killed and out and isinstance(out[0], tuple):  # (meta, grads ref, node, slot) per shard
+            self.killed = True
+            ray.kill(self.actors[out[0][3]], no_restart=True)
+        return out
+
+
+def test_node_sum_lost_reruns_its_shards_once(ray_cluster, reference, tmp_path):
+    """The actor that adds a node's shards dies before it does: the node's shards are re-run flat, counted once."""
+    cfg = _cfg(2, **{"scaling.reduce": "node"})
+    executor = KillAdder(cfg)
+    trainer = MetaTrainer.create(cfg, tmp_path, executor=executor)
+    try:
+        grads, n, _ = reduce_results(executor.meta_gradients(trainer.params, 0, shard(range(META_BATCH), 2)))
+        assert executor.killed and executor.faults == 2 and n == META_BATCH  # both shards were on the one node
+        _assert_same(grads, reference["grads"])
+        summary = trainer.fit()
+    finally:
+        trainer.close()
+    assert summary.tasks == STEPS * META_BATCH
+    _assert_same(trainer.params, reference["params"])
+
+
 def test_resume_on_workers_equals_uninterrupted(ray_cluster, reference, tmp_path):
     """10 steps run as 5, stop, resume to 10 on 2 workers: the same weights as the uninterrupted run."""
     cfg = _cfg(2)
