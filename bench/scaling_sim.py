@@ -134,7 +134,7 @@ def run_n(model: Model, n: int, args: argparse.Namespace) -> dict[str, Any]:
             executor.reduce = mode
             rows = []
             for step in range(args.warmup + args.steps):
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 results = executor.meta_gradients(params, step, shards)
                 t1 = time.perf_counter()
                 grads, tasks, _ = reduce_results(results)
@@ -149,7 +149,7 @@ def run_n(model: Model, n: int, args: argparse.Namespace) -> dict[str, Any]:
                     compute = max(r.seconds for r in results)
                     rows.append({"step": t3 - t0, "compute": compute, "broadcast": executor.broadcast_s,
                                  "gather": t1 - t0 - executor.broadcast_s - compute, "reduce": t2 - t1,
-                                 "optimiser": t3 - t2})
+                                 "optimiser": t3 - t2, "driver_cpu": time.process_time() - cpu0})
             med = {k: statistics.median(r[k] for r in rows) * 1e3 for k in rows[0]}
             med["efficiency"] = med["compute"] / med["step"]
             out["modes"][mode] = med
@@ -160,19 +160,87 @@ def run_n(model: Model, n: int, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def fit(rows: list[dict[str, Any]], mode: str) -> tuple[float, float, float]:
-    """Least squares of the step's overhead (step - compute, ms) = a + b * workers + c * nodes (b, c >= 0)."""
+def fit(rows: list[dict[str, Any]], mode: str, key: str) -> tuple[float, float, float]:
+    """Least squares of ``key`` (ms) = a + b * workers + c * nodes, refitted without a slope that comes out < 0."""
     x = np.array([[1.0, r["workers"], r["nodes"]] for r in rows])
-    y = np.array([r["modes"][mode]["step"] - r["modes"][mode]["compute"] for r in rows])
+    y = np.array([r["modes"][mode][key] for r in rows])
     cols = [0, 1, 2] if len({r["nodes"] for r in rows}) > 1 else [0, 1]
     coef = np.zeros(3)
     coef[cols] = np.linalg.lstsq(x[:, cols], y, rcond=None)[0]
-    for k in (1, 2):  # a negative slope is noise: refit without it
+    for k in (1, 2):
         if coef[k] < 0:
             cols = [c for c in cols if c != k]
             coef = np.zeros(3)
             coef[cols] = np.linalg.lstsq(x[:, cols], y, rcond=None)[0]
     return float(coef[0]), float(coef[1]), float(coef[2])
+
+
+# Assumed, not measured here: the bandwidth of one node's network link (25 GbE). What crosses it per step: flat,
+# the weights out to each node and every worker's gradient into the driver; node, the weights out and one gradient
+# per node back.
+NET_GB_S = 3.1
+
+
+def model_step(compute: float, worker_side: float, driver: tuple[float, float, float], mode: str, gpus: int,
+               per_node: int, mb: float, node_sum_ms: float) -> float:
+    """Modelled step (ms) at ``gpus`` workers: compute + the workers' own overhead (parallel, measured at N=1)
+    + the driver's CPU (fitted) + the bytes through the driver's link at NET_GB_S (+ node: adding a node's
+    shards, measured)."""
+    nodes = math.ceil(gpus / per_node)
+    a, b, c = driver
+    crossing = nodes + (gpus if mode == "flat" else nodes)  # gradients of mb MB through the driver's link
+    adding = node_sum_ms if mode == "node" else 0.0
+    return compute + worker_side + a + b * gpus + c * nodes + crossing * mb / NET_GB_S + adding
+
+
+def time_node_sum(layers: tuple[int, ...], shards: int) -> float:
+    """Median ms of :func:`node_sum` over ``shards`` gradients of ``layers`` in this process (one CPU's work)."""
+    grads = [{f"layer{i}": torch.rand(n) for i, n in enumerate(layers)} for _ in range(shards)]
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        node_sum(*grads)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def print_row(mode: str, r: dict[str, Any]) -> None:
+    m = r["modes"][mode]
+    print(f"{mode:5s} {r['workers']:4d} {r['nodes']:5d} {m['step']:8.1f} {m['compute']:8.1f} {m['broadcast']:7.1f} "
+          f"{m['gather']:7.1f} {m['reduce']:7.1f} {m['optimiser']:7.1f} {100 * m['efficiency']:5.1f}% "
+          f"{m.get('driver_cpu', float('nan')):10.1f}", flush=True)
+
+
+HEADER = (f"{'mode':5s} {'N':>4s} {'nodes':>5s} {'step':>8s} {'compute':>8s} {'bcast':>7s} {'gather':>7s} "
+          f"{'reduce':>7s} {'optim':>7s} {'eff.':>6s} {'driver CPU':>10s}  (ms, medians)")
+
+
+def report(model: Model, rows: list[dict[str, Any]], per_node: int) -> dict[str, Any]:
+    """The fit and extrapolation of one model's measured rows (printed; returned for the JSON)."""
+    mb = sum(model.layers()) * 4 / 1e6
+    extra: dict[str, Any] = {}
+    compute = rows[0]["compute_ms"]
+    node_sum_ms = time_node_sum(model.layers(), per_node)
+    extra["node_sum_ms"] = node_sum_ms
+    print(f"  adding {per_node} shards' gradients (node_sum, this CPU): {node_sum_ms:.1f} ms; "
+          f"assumed network link {NET_GB_S} GB/s")
+    for mode in REDUCE_MODES:
+        driver = fit(rows, mode, "driver_cpu")
+        one = rows[0]["modes"][mode]
+        worker_side = max(one["step"] - one["compute"] - one["driver_cpu"], 0.0)
+        line = [f"{mode}: driver CPU = {driver[0]:.1f} ms + {driver[1]:.2f} ms x workers + {driver[2]:.2f} ms x "
+                f"nodes; workers' own overhead {worker_side:.1f} ms"]
+        for gpus in (32, 128, 512):
+            step = model_step(compute, worker_side, driver, mode, gpus, per_node, mb, node_sum_ms)
+            extra[f"{mode}_{gpus}"] = compute / step
+            line.append(f"{gpus} GPUs {100 * compute / step:.0f}%")
+        extra[f"{mode}_driver_fit_ms"] = dict(zip(("constant", "per_worker", "per_node"), driver, strict=True))
+        extra[f"{mode}_worker_side_ms"] = worker_side
+        print("  modelled " + ", ".join(line))
+        base = rows[0]["modes"][mode]["step"]
+        print(f"  {mode}: measured here, step(1) / step(N): " + ", ".join(
+            f"N={r['workers']} {100 * base / r['modes'][mode]['step']:.0f}%" for r in rows))
+    return extra
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,43 +251,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--tables", type=Path, default=None, help="reprint the tables and the model from a --out file")
     args = p.parse_args(argv)
+    if args.tables is not None:
+        res = json.loads(args.tables.read_text())
+        for name, got in res["models"].items():
+            print(f"\n=== {name}: {got['gradient_mb']:.2f} MB gradients, {got['tasks_per_worker']} tasks per worker x "
+                  f"{got['task_ms']:.3f} ms ({got['task_ms_source']}), {res['workers_per_node']} workers per node ===")
+            print(HEADER)
+            for r in got["rows"]:
+                for mode in r["modes"]:
+                    print_row(mode, r)
+            report(MODELS[name], got["rows"], res["workers_per_node"])
+        return 0
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     ns = [n for n in (1, 2, 4, 8, 16, 32, 64, 128) if n <= args.max_workers]
-    res: dict[str, Any] = {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0], "steps": args.steps,
-                           "workers_per_node": args.workers_per_node, "models": {}}
+    res = {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()[0], "steps": args.steps,
+           "workers_per_node": args.workers_per_node, "models": {}}
     for name in args.models:
         model = MODELS[name]
-        mb = sum(model.layers()) * 4 / 1e6
-        print(f"\n=== {name}: {mb:.2f} MB gradients, {model.tasks_per_worker} tasks per worker x {model.task_ms:.3f} "
-              f"ms ({model.source}), {args.workers_per_node} workers per node ===", flush=True)
-        print(f"{'mode':5s} {'N':>4s} {'nodes':>5s} {'step':>8s} {'compute':>8s} {'bcast':>7s} {'gather':>7s} "
-              f"{'reduce':>7s} {'optim':>7s} {'eff.':>6s}  (ms, medians)")
+        print(f"\n=== {name}: {sum(model.layers()) * 4 / 1e6:.2f} MB gradients, {model.tasks_per_worker} tasks per "
+              f"worker x {model.task_ms:.3f} ms ({model.source}), {args.workers_per_node} workers per node ===",
+              flush=True)
+        print(HEADER)
         rows = []
         for n in ns:
             r = run_n(model, n, args)
             rows.append(r)
-            for mode, m in r["modes"].items():
-                print(f"{mode:5s} {n:4d} {r['nodes']:5d} {m['step']:8.1f} {m['compute']:8.1f} {m['broadcast']:7.1f} "
-                      f"{m['gather']:7.1f} {m['reduce']:7.1f} {m['optimiser']:7.1f} {100 * m['efficiency']:5.1f}%",
-                      flush=True)
-        extra: dict[str, Any] = {}
-        compute = rows[0]["compute_ms"]
-        for mode in REDUCE_MODES:
-            a, b, c = fit(rows, mode)
-            line = [f"{mode}: overhead = {a:.1f} ms + {b:.2f} ms x workers + {c:.2f} ms x nodes"]
-            for gpus in (128, 512):
-                eff = compute / (compute + a + b * gpus + c * math.ceil(gpus / args.workers_per_node))
-                extra[f"{mode}_{gpus}"] = eff
-                line.append(f"{gpus} GPUs {100 * eff:.0f}%")
-            extra[f"{mode}_fit_ms"] = {"constant": a, "per_worker": b, "per_node": c}
-            print("  " + ", ".join(line))
-            base = rows[0]["modes"][mode]["step"]
-            print(f"  {mode}: weak-scaling efficiency step(1) / step(N): " + ", ".join(
-                f"N={r['workers']} {100 * base / r['modes'][mode]['step']:.0f}%" for r in rows))
-        res["models"][name] = {"gradient_mb": mb, "tasks_per_worker": model.tasks_per_worker,
+            for mode in r["modes"]:
+                print_row(mode, r)
+        res["models"][name] = {"gradient_mb": sum(model.layers()) * 4 / 1e6, "tasks_per_worker": model.tasks_per_worker,
                                "task_ms": model.task_ms, "task_ms_source": model.source, "rows": rows,
-                               "extrapolation": extra}
+                               "extrapolation": report(model, rows, args.workers_per_node)}
     if args.out is not None:
         atomic_write(args.out, json.dumps(res, indent=2))
         print(f"wrote {args.out}")
