@@ -234,7 +234,8 @@ class FewShotLearner:
         in order of first appearance. ``steps``: inner steps; None takes the model's ``algorithm.eval_inner_steps``
         (the steps `mtl-ray eval` adapts with, not the training ``inner_steps``; for a pretrained body
         ``pretrain.probe_steps``). ``inner_lr``: the inner step size; None takes the model's ``algorithm.inner_lr``
-        (pretrained body: ``pretrain.probe_lr``). Metric learners (protonet, relationnet) take no steps.
+        (pretrained body: ``pretrain.probe_lr``). Metric learners (protonet, relationnet, meta_baseline, r2d2) take
+        no steps.
 
         Test-time fine-tuning (Hu et al. 2022, P>M>F; mtl_ray/algorithms/finetune.py): ``finetune_steps > 0``
         fine-tunes the body and a prototype-initialised linear head on the support set for that many full-batch

@@ -144,6 +144,12 @@ class AlgorithmConfig:
     # compiled one less accurate than eager float32 is an error. Pays for small, dispatch-bound models; speed-ups and
     # the check in docs/benchmarks.md ("Compiled").
     compile: bool = False
+    # meta_baseline: the starting value of its learned temperature tau, the scale of its cosine logits (Chen et al.
+    # 2021: 10); r2d2: the starting value of its learned scale alpha of the ridge outputs. Both meta-learned from there
+    temperature: float = 10.0
+    # r2d2: the starting value of its learned ridge regularisation lambda, > 0 (meta-learned as log lambda;
+    # Bertinetto et al. 2019: 1)
+    ridge_lambda: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -564,6 +570,8 @@ def check_static(cfg: Config) -> list[str]:
         _positive(p, "algorithm.eval_inner_steps", a.eval_inner_steps, allow_zero=True)
     _positive(p, "algorithm.task_chunk_size", a.task_chunk_size, allow_zero=True)
     _positive(p, "algorithm.chunk_memory_mb", a.chunk_memory_mb, allow_zero=True)
+    _positive(p, "algorithm.temperature", a.temperature)
+    _positive(p, "algorithm.ridge_lambda", a.ridge_lambda)
     _positive(p, "optim.outer_lr", o.outer_lr)
     _positive(p, "optim.meta_batch_size", o.meta_batch_size)
     _positive(p, "optim.steps", o.steps)

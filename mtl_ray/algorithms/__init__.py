@@ -7,6 +7,7 @@ The package's face: the algorithms (:mod:`~mtl_ray.algorithms.registry`), the le
 from __future__ import annotations
 
 from mtl_ray.algorithms.base import ACC, LOSS, FunctionalAlgorithm, MetaAlgorithm, Params, ShardResult
+from mtl_ray.algorithms.closed_form import R2D2
 from mtl_ray.algorithms.gradient import ANIL, MAML, MetaSGD
 from mtl_ray.algorithms.learner import (
     Learner,
@@ -16,7 +17,7 @@ from mtl_ray.algorithms.learner import (
     check_param_shapes,
     initial_meta_params,
 )
-from mtl_ray.algorithms.metric_based import ProtoNet, RelationNetwork
+from mtl_ray.algorithms.metric_based import MetaBaseline, ProtoNet, RelationNetwork
 from mtl_ray.algorithms.mtl import MTL
 from mtl_ray.algorithms.probe import linear_probe
 from mtl_ray.algorithms.registry import ALGORITHMS, algorithm_class, uses_head
@@ -29,9 +30,11 @@ __all__ = [
     "LOSS",
     "MAML",
     "MTL",
+    "R2D2",
     "FunctionalAlgorithm",
     "Learner",
     "MetaAlgorithm",
+    "MetaBaseline",
     "MetaSGD",
     "Params",
     "ProtoNet",

@@ -27,14 +27,14 @@ import itertools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from mtl_ray.config import NORM_SUPPORT, NORMS
+from mtl_ray.config import NORM_SUPPORT, NORMS, AlgorithmConfig
 from mtl_ray.data.base import TaskBatch, TaskKind
 
 Params = dict[str, torch.Tensor]
@@ -212,6 +212,12 @@ class FunctionalAlgorithm:
         self._eager: ChunkGrad | None = None
         self._compiled: ChunkGrad | None = None
         self._verified: set[tuple] = set()  # input shapes whose compiled meta-gradient matched the eager one
+
+    @classmethod
+    def config_kwargs(cls, a: AlgorithmConfig) -> dict[str, Any]:
+        """Its own constructor arguments from ``algorithm.*`` besides the shared ones (e.g. the starting values of
+        meta-parameters it learns); none by default."""
+        return {}
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The per-task loss of outputs ``out`` against targets ``y`` (mean over query examples)."""

@@ -48,9 +48,10 @@ class Learner:
 def build_algorithm(cfg: Config, model: nn.Module, kind: TaskKind, ways: int) -> FunctionalAlgorithm:
     """The ``algorithm.name`` algorithm over ``model`` for tasks of ``kind`` with ``ways`` classes."""
     a = cfg.algorithm
-    return algorithm_class(a.name)(model, kind=kind, inner_lr=a.inner_lr, inner_steps=a.inner_steps,
-                                   first_order=a.first_order, chunk_size=a.task_chunk_size, compile=a.compile,
-                                   norm=cfg.model.norm, ways=ways)
+    cls = algorithm_class(a.name)
+    return cls(model, kind=kind, inner_lr=a.inner_lr, inner_steps=a.inner_steps, first_order=a.first_order,
+               chunk_size=a.task_chunk_size, compile=a.compile, norm=cfg.model.norm, ways=ways,
+               **cls.config_kwargs(a))
 
 
 def build_learner(cfg: Config, source: TaskSource | None = None, shape: TaskShape | None = None) -> Learner:

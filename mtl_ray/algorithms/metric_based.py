@@ -5,16 +5,25 @@
 * Relation Networks — Sung, Yang, Zhang, Xiang, Torr, Hospedales. "Learning to Compare: Relation
   Network for Few-Shot Learning", CVPR 2018. A learned module scores (query, class) feature pairs
   in (0, 1), trained with MSE against one-hot targets; class features are sums over the shots.
+* Meta-Baseline — Chen, Liu, Xu, Darrell, Wang. "Meta-Baseline: Exploring Simple Meta-Learning for
+  Few-Shot Learning", ICCV 2021. Logits are ``tau * cos(f(x_q), c_n)`` to the class-mean embeddings
+  ``c_n``, with a learned temperature ``tau`` (init 10), meta-trained from a pretrained classifier's
+  body (``model.init``) or from scratch.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call
 
-from mtl_ray.algorithms.base import SUPPORT_X, FunctionalAlgorithm, Params, State
+from mtl_ray.algorithms.base import EXTRA_PREFIX, SUPPORT_X, FunctionalAlgorithm, Params, State
 from mtl_ray.algorithms.gradient import sub
+from mtl_ray.config import AlgorithmConfig
 from mtl_ray.models import RelationNet
 
 
@@ -23,18 +32,23 @@ def one_hot(y: torch.Tensor, ways: int, dtype: torch.dtype) -> torch.Tensor:
     return (y.unsqueeze(-1) == torch.arange(ways, device=y.device)).to(dtype)
 
 
-class ProtoNet(FunctionalAlgorithm):
-    """Class prototypes from the support set's embeddings (``ways`` of them); no head, no inner steps."""
+class EmbeddingLearner(FunctionalAlgorithm):
+    """A classifier built in closed form on the body's embeddings of the support set: no head, no inner steps."""
 
-    name = "protonet"
     uses_head = False
     has_inner_loop = False
-    supports_regression = False  # prototypes are per class
+    supports_regression = False  # its scores are per class
 
     def embed(self, params: Params, x: torch.Tensor, state: State | None = None) -> torch.Tensor:
         """Embeddings ``[M, D]`` of ``x``; with an adapted ``state``, normalised as its queries are."""
         # get_submodule, not self.model.body: a Module's attribute is typed ``Tensor | Module``, this a Module.
         return self.forward(self.model.get_submodule("body"), sub(params, "body."), x, state or {}).flatten(1)
+
+
+class ProtoNet(EmbeddingLearner):
+    """Class prototypes from the support set's embeddings (``ways`` of them); no head, no inner steps."""
+
+    name = "protonet"
 
     def adapt(self, params: Params, support_x: torch.Tensor, support_y: torch.Tensor, steps: int = 0) -> State:
         """Prototypes ``[N, D]``: the mean embedding of each class's support examples."""
@@ -47,6 +61,50 @@ class ProtoNet(FunctionalAlgorithm):
         """Logits ``[Q, N]`` = ``-||f(x_q) - c_n||^2``."""
         zq = self.embed(params, query_x, state)  # [Q, D]
         return -(zq.unsqueeze(1) - state["prototypes"].unsqueeze(0)).pow(2).sum(-1)
+
+
+def starting_scalar(value: float, like: Params) -> torch.Tensor:
+    """A 0-d meta-parameter holding ``value``, in the dtype of the model's weights in ``like`` (the default one
+    when it has none)."""
+    dtype = next(iter(like.values())).dtype if like else torch.get_default_dtype()
+    return torch.tensor(float(value), dtype=dtype)
+
+
+def check_positive(what: str, value: float) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what}: got {value!r}, expected a finite value > 0")
+    return value
+
+
+class MetaBaseline(ProtoNet):
+    """ProtoNet's class means scored by cosine similarity times a learned temperature ``params["meta.temperature"]``.
+
+    Chen et al. 2021, eq. 1: ``p(y = n | x) = softmax_n(tau * cos(f(x), c_n))`` with ``c_n`` the mean embedding of
+    class ``n``'s support examples (not normalised before averaging). The temperature starts at ``temperature``
+    (``algorithm.temperature``; the paper's 10) and is a meta-parameter like the body. Logits are invariant to any
+    positive rescaling of the embedding; only its direction matters.
+    """
+
+    name = "meta_baseline"
+    TEMPERATURE = EXTRA_PREFIX + "temperature"
+
+    def __init__(self, model: nn.Module, *, temperature: float = 10.0, **kwargs: Any):  # FunctionalAlgorithm's
+        super().__init__(model, **kwargs)
+        self.temperature = check_positive("temperature", temperature)
+
+    @classmethod
+    def config_kwargs(cls, a: AlgorithmConfig) -> dict[str, Any]:
+        return {"temperature": a.temperature}
+
+    def init_params(self, model_params: Params) -> Params:
+        return {**model_params, self.TEMPERATURE: starting_scalar(self.temperature, model_params)}
+
+    def predict(self, params: Params, state: State, query_x: torch.Tensor) -> torch.Tensor:
+        """Logits ``[Q, N]`` = ``tau * cos(f(x_q), c_n)``."""
+        zq = F.normalize(self.embed(params, query_x, state), dim=-1)  # [Q, D]
+        protos = F.normalize(state["prototypes"], dim=-1)  # [N, D]
+        return params[self.TEMPERATURE] * (zq @ protos.t())
 
 
 class RelationNetwork(FunctionalAlgorithm):

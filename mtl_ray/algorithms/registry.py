@@ -9,8 +9,9 @@ attributes state its capabilities), its test and one line in :data:`ALGORITHMS`.
 from __future__ import annotations
 
 from mtl_ray.algorithms.base import FunctionalAlgorithm
+from mtl_ray.algorithms.closed_form import R2D2
 from mtl_ray.algorithms.gradient import ANIL, MAML, MetaSGD
-from mtl_ray.algorithms.metric_based import ProtoNet, RelationNetwork
+from mtl_ray.algorithms.metric_based import MetaBaseline, ProtoNet, RelationNetwork
 from mtl_ray.algorithms.mtl import MTL
 from mtl_ray.algorithms.reptile import Reptile
 
@@ -22,6 +23,8 @@ ALGORITHMS: dict[str, type[FunctionalAlgorithm]] = {cls.name: cls for cls in (
     ProtoNet,
     RelationNetwork,
     MTL,
+    MetaBaseline,
+    R2D2,
 )}
 
 
