@@ -22,6 +22,7 @@ numbers are used.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -91,7 +92,7 @@ class StandInWorker:
     def meta_gradient_parts(self, params: dict[str, np.ndarray], step: int,
                             indices: list[int]) -> tuple[ShardResult, dict[str, torch.Tensor]]:
         r = self._result(params, indices)
-        return ShardResult(grads={}, num_tasks=r.num_tasks, metrics=r.metrics, seconds=r.seconds), r.grads
+        return dataclasses.replace(r, grads={}), r.grads  # as WorkerActor.meta_gradient_parts splits a result
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()

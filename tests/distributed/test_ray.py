@@ -33,6 +33,13 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=1e-5), k
 
 
+def _assert_fault_free_run(trainer, summary, reference) -> None:
+    """Every task once, no fault, and the in-process run's weights and final meta-validation."""
+    assert summary.tasks == STEPS * META_BATCH and summary.worker_faults == 0
+    _assert_same(trainer.params, reference["params"])
+    assert summary.final_val == pytest.approx(reference["val"], rel=1e-5)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The in-process run: weights after STEPS steps and the step-0 meta-gradient."""
@@ -56,9 +63,7 @@ def test_n_workers_match_in_process(ray_cluster, reference, workers, tmp_path):
         summary = trainer.fit()
     finally:
         trainer.close()
-    assert summary.tasks == STEPS * META_BATCH and summary.worker_faults == 0
-    _assert_same(trainer.params, reference["params"])
-    assert summary.final_val == pytest.approx(reference["val"], rel=1e-5)
+    _assert_fault_free_run(trainer, summary, reference)
 
 
 @pytest.fixture
@@ -88,9 +93,7 @@ def test_node_reduce_sums_on_each_node_and_matches_in_process(ray_cluster, secon
         summary = trainer.fit()
     finally:
         trainer.close()
-    assert summary.tasks == STEPS * META_BATCH and summary.worker_faults == 0
-    _assert_same(trainer.params, reference["params"])
-    assert summary.final_val == pytest.approx(reference["val"], rel=1e-5)
+    _assert_fault_free_run(trainer, summary, reference)
 
 
 class KillOnce(RayExecutor):
