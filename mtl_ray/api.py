@@ -171,8 +171,10 @@ class FewShotLearner:
 
     def __repr__(self) -> str:
         what = "pretrained body + linear head" if self.pretrained else self.cfg.algorithm.name
+        finetune = FineTune.from_config(self.cfg)  # the model's default adaptation (a deployed model's chosen one)
+        how = finetune.describe() if finetune else f"steps={self.default_steps}, inner_lr={self.default_inner_lr:g}"
         return (f"FewShotLearner({what}, x_shape={tuple(self.shape.x_shape)}, ways={self.shape.ways}, "
-                f"adapt: steps={self.default_steps}, inner_lr={self.default_inner_lr:g}, norm={self.cfg.model.norm})")
+                f"adapt: {how}, norm={self.cfg.model.norm})")
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "cpu", invert: bool = False) -> FewShotLearner:

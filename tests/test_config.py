@@ -16,7 +16,7 @@ def checked(path: str | None, overrides: list[str]) -> Config:
 
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "jobs" / "configs").glob("*.yaml")
-                 if not p.name.startswith("sweep_"))  # sweeps: tests/tune/test_spec.py
+                 if not p.name.startswith(("sweep_", "deploy_", "pipeline_")))  # tests/tune: test_spec, test_deploy
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

@@ -46,7 +46,7 @@ SMALL = [f"optim.steps={STEPS}", "scaling.precision=fp64", "optim.meta_batch_siz
          "optim.max_minutes=0", "scaling.num_workers=0", "scaling.torch_threads=1", "tracking.mlflow=false",
          "tracking.progress=false", "tracking.checkpoint_every=0"]
 CONFIGS = sorted(p.stem for p in (REPO / "jobs" / "configs").glob("*.yaml")
-                 if not p.stem.startswith("sweep_") and p.stem != "omniglot_pretrain")
+                 if not p.stem.startswith(("sweep_", "deploy_", "pipeline_")) and p.stem != "omniglot_pretrain")
 
 
 def recipe_config(name: str, data_root: Path, work: Path) -> Config:
