@@ -65,6 +65,21 @@ def _parser(prog: str = "mtl-ray") -> argparse.ArgumentParser:
     e.add_argument("--lake", nargs="?", const="", default=None,
                    help="score Lake's 20-way one-shot runs (zip or folder; default <data root>/omniglot/...)")
 
+    dp = sub.add_parser("deploy", help="Ray Tune search over how a trained model adapts to a target domain "
+                                       "(test-time fine-tuning, inner_lr); writes a deployed checkpoint")
+    dp.add_argument("checkpoint", help="a .pt checkpoint or a run directory (its latest checkpoint)")
+    dp.add_argument("deploy_file", help="deploy YAML, e.g. jobs/configs/deploy_fashion.yaml")
+    dp.add_argument("overrides", nargs="*", help="key=value for the model's config; deploy.KEY=value for the file")
+    dp.add_argument("--out", help="deployed directory (default: <run dir>/deploy-<name>)")
+    dp.add_argument("--overwrite", action="store_true", help="replace an existing --out directory")
+
+    pl = sub.add_parser("pipeline", help="pretrain -> meta-train from it -> deployment search per target domain")
+    pl.add_argument("pipeline", help="pipeline YAML, e.g. jobs/configs/pipeline_omniglot.yaml")
+    pl.add_argument("overrides", nargs="*", help="key=value for both training configs; deploy.KEY=value for the "
+                                                 "deploy files")
+    pl.add_argument("--run-dir", help="pipeline directory (default: <tracking.run_dir>/<pipeline>-<time>)")
+    pl.add_argument("--resume", action="store_true", help="continue an interrupted pipeline in --run-dir")
+
     d = sub.add_parser("data", help="data utilities")
     dsub = d.add_subparsers(dest="data_command", required=True)
     from mtl_ray.data.converters import DEFAULT_IMAGE_SIZE, FORMATS
@@ -97,13 +112,20 @@ def _parser(prog: str = "mtl-ray") -> argparse.ArgumentParser:
     return p
 
 
-def _is_sweep(path: str) -> bool:
-    """A sweep file has a top-level ``space`` (training configs never do)."""
+def file_kind(path: str) -> str:
+    """``sweep`` (a ``base`` and a ``space``), ``deploy`` (a ``space`` without a base), ``pipeline`` (a
+    ``meta_train`` stage) or ``config`` (anything else, unreadable files included: the config check says why)."""
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # not readable as YAML: the config check says why
-        return False
-    return isinstance(raw, dict) and "space" in raw
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return "config"
+    if not isinstance(raw, dict):
+        return "config"
+    if "meta_train" in raw:
+        return "pipeline"
+    if "space" in raw:
+        return "sweep" if "base" in raw else "deploy"
+    return "config"
 
 
 def _split_overrides(config: str | None, overrides: Sequence[str]) -> tuple[str | None, list[str]]:
@@ -114,9 +136,10 @@ def _split_overrides(config: str | None, overrides: Sequence[str]) -> tuple[str 
     return (items[0] if items else None), items[1:]
 
 
-def env_overrides(*, sweep: bool = False) -> list[str]:
-    """``$MTL_RAY_OVERRIDES`` as key=value overrides (``sweep.*`` keys only for a sweep): they follow the command
-    line's, so e.g. ``MTL_RAY_OVERRIDES="optim.steps=3 pretrain.steps=3"`` smoke-runs any documented command."""
+def env_overrides(*, sweep: bool = False, deploy: bool = False) -> list[str]:
+    """``$MTL_RAY_OVERRIDES`` as key=value overrides (``sweep.*`` keys only for a sweep, ``deploy.*`` only for a
+    deployment search or a pipeline): they follow the command line's, so e.g.
+    ``MTL_RAY_OVERRIDES="optim.steps=3 pretrain.steps=3"`` smoke-runs any documented command."""
     try:
         items = shlex.split(os.environ.get(OVERRIDES_ENV, ""))
     except ValueError as e:
@@ -125,7 +148,7 @@ def env_overrides(*, sweep: bool = False) -> list[str]:
     bad = [x for x in items if "=" not in x]
     if bad:
         raise ConfigError([f"${OVERRIDES_ENV}: got {x!r}, expected key=value (e.g. optim.steps=3)" for x in bad])
-    return [x for x in items if sweep or not x.startswith("sweep.")]
+    return [x for x in items if (sweep or not x.startswith("sweep.")) and (deploy or not x.startswith("deploy."))]
 
 
 def _run(args: argparse.Namespace, prog: str) -> int:
@@ -164,6 +187,21 @@ def _eval(args: argparse.Namespace, prog: str) -> int:
     return 0
 
 
+def _deploy(args: argparse.Namespace, prog: str) -> int:
+    from mtl_ray.tune.deploy import deploy
+
+    overrides = [*args.overrides, *env_overrides(deploy=True)]
+    deploy(args.checkpoint, args.deploy_file, overrides, args.out, overwrite=args.overwrite)
+    return 0
+
+
+def _pipeline(args: argparse.Namespace, prog: str) -> int:
+    from mtl_ray.tune.pipeline import run_pipeline
+
+    run_pipeline(args.pipeline, [*args.overrides, *env_overrides(deploy=True)], args.run_dir, resume=args.resume)
+    return 0
+
+
 def _data(args: argparse.Namespace, prog: str) -> int:
     from mtl_ray.data.converters import convert
 
@@ -174,11 +212,24 @@ def _data(args: argparse.Namespace, prog: str) -> int:
 
 
 def check_file(path: str) -> Config | None:
-    """Every check of a config or sweep file (None for a sweep); raise one ConfigError with every problem."""
-    if _is_sweep(path):
+    """Every check of a config, sweep, deploy or pipeline file (None but for a config); one ConfigError with every
+    problem."""
+    kind = file_kind(path)
+    if kind == "sweep":
         from mtl_ray.tune.spec import check_sweep, load_sweep
 
         if problems := check_sweep(load_sweep(path)):
+            raise ConfigError(problems)
+        return None
+    if kind == "deploy":  # its data checks need the model it deploys: `mtl-ray deploy` runs them
+        from mtl_ray.tune.deploy import load_deploy
+
+        load_deploy(path)
+        return None
+    if kind == "pipeline":
+        from mtl_ray.tune.pipeline import check_pipeline, load_pipeline
+
+        if problems := check_pipeline(load_pipeline(path)):
             raise ConfigError(problems)
         return None
     from mtl_ray.recipes.common import with_data_root
@@ -207,8 +258,8 @@ def _config(args: argparse.Namespace, prog: str) -> int:
     return 0
 
 
-COMMANDS = {"train": _run, "pretrain": _run, "tune": _tune, "eval": _eval, "data": _data, "validate": _validate,
-            "config": _config}
+COMMANDS = {"train": _run, "pretrain": _run, "tune": _tune, "eval": _eval, "deploy": _deploy, "pipeline": _pipeline,
+            "data": _data, "validate": _validate, "config": _config}
 
 
 def main(argv: Sequence[str] | None = None, *, command: str | None = None, prog: str | None = None) -> int:

@@ -114,19 +114,27 @@ def test_job_with_bad_config_fails_with_the_error_in_its_logs(ray_head, tmp_path
     assert not (tmp_path / "run").exists()  # rejected before anything was written
 
 
-def test_pretrain_job_runs_ray_train_on_the_cluster(ray_head, omniglot_root, tmp_path):
-    """jobs/pretrain.py: a TorchTrainer with 2 workers inside a submitted job; its run dir feeds model.init."""
-    run_dir = tmp_path / "pretrain"
-    out = _submit(ray_head, "mtl-pretrain", "jobs/configs/omniglot_pretrain.yaml",
+def test_pipeline_job_pretrains_on_ray_train_meta_trains_from_it_and_deploys(ray_head, omniglot_root, tmp_path):
+    """jobs/pipeline.py: pretraining is a TorchTrainer with 2 workers inside a submitted job, meta-training starts
+    from its body, and each target's deployment search runs as Tune trials on the cluster."""
+    root = tmp_path / "pmf"
+    one_setting = "deploy.space={algorithm.finetune_steps: {grid: [2]}}"
+    out = _submit(ray_head, "mtl-pipeline", "jobs/configs/pipeline_omniglot.yaml",
                   f"data.root={omniglot_root}", "data.rotations=false", "model.channels=16", "pretrain.steps=20",
                   "pretrain.batch_size=32", "pretrain.val_every=20", "tracking.log_every=10",
-                  "tracking.checkpoint_every=20", "tracking.progress=false", "--run-dir", str(run_dir),
-                  script="jobs/pretrain.py")
+                  "tracking.checkpoint_every=20", "tracking.progress=false", "tracking.mlflow=false",
+                  "optim.steps=2", "optim.val_every=2", "optim.val_tasks=4", "optim.meta_batch_size=4",
+                  "deploy.episodes=4", "deploy.test_episodes=4", one_setting, "--run-dir", str(root),
+                  script="jobs/pipeline.py")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert _status(ray_head, "mtl-pretrain") == "SUCCEEDED"
+    assert _status(ray_head, "mtl-pipeline") == "SUCCEEDED"
     assert "2 Ray Train worker(s)" in out.stdout and "pretrained to step 20" in out.stdout
-    ck = load_checkpoint(latest_checkpoint(run_dir))
+    ck = load_checkpoint(latest_checkpoint(root / "pretrain"))
     assert (ck.stage, ck.step) == ("pretrain", 20)
+    meta = load_checkpoint(latest_checkpoint(root / "meta_train"))
+    assert meta.step == 2 and Path(meta.config.model.init) == root / "pretrain"
+    for target in ("omniglot", "fashion"):
+        assert load_checkpoint(root / f"deploy-{target}").config.algorithm.finetune_steps == 2
     bad = _submit(ray_head, "mtl-pretrain-bad", "jobs/configs/omniglot_pretrain.yaml",
                   f"data.root={omniglot_root}", "pretrain.holdout=20", "--run-dir", str(tmp_path / "bad"),
                   script="jobs/pretrain.py")

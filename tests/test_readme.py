@@ -37,6 +37,8 @@ from mtl_ray.components import from_dict, load_config
 from mtl_ray.config import Config, ConfigError
 from mtl_ray.data import check_data
 from mtl_ray.data.lake import LAKE_ZIP
+from mtl_ray.tune.deploy import load_deploy
+from mtl_ray.tune.pipeline import load_pipeline
 from mtl_ray.tune.spec import load_sweep
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,6 +227,11 @@ def check_mtl_ray(argv: list[str]) -> Checked:
         if args.lake:
             out.lake = Path(args.lake)
             assert out.lake.name == LAKE_ZIP, f"--lake {args.lake}: the package reads Lake's runs from {LAKE_ZIP}"
+    elif args.command == "pipeline":  # both training stages' configs, as the pipeline builds them
+        pipe = load_pipeline(repo_file(args.pipeline, "pipeline file"), args.overrides)
+        out.configs += [(pipe.pretrain.config, None), (pipe.meta_train.config, None)]
+    elif args.command == "deploy":  # the checkpoint is the user's run; the deploy file is checked as read
+        load_deploy(repo_file(args.deploy_file, "deploy file"), args.overrides)
     elif args.command == "validate":
         for path in args.configs:
             repo_file(path, "config")
@@ -239,7 +246,8 @@ def check_mtl_ray(argv: list[str]) -> Checked:
     return out
 
 
-JOB_COMMANDS = {"jobs/meta_train.py": "train", "jobs/pretrain.py": "pretrain", "jobs/tune.py": "tune"}
+JOB_COMMANDS = {"jobs/meta_train.py": "train", "jobs/pretrain.py": "pretrain", "jobs/tune.py": "tune",
+                "jobs/pipeline.py": "pipeline"}
 
 
 def check_job(entrypoint: list[str]) -> Checked:
@@ -507,7 +515,8 @@ NOT_RUN = re.compile(r"<!-- readme-test: not run: ([^>]*?) -->\s*\Z")
 # A few steps per run, a few tasks per validation, two trials per sweep: what the README says the test sets. One
 # validation, at the last step.
 SMOKE = ("optim.steps=2 optim.val_every=2 optim.val_tasks=4 optim.meta_batch_size=4 tracking.checkpoint_every=1 "
-         "tracking.log_every=1 pretrain.steps=2 pretrain.val_every=1 pretrain.batch_size=16 sweep.num_samples=2")
+         "tracking.log_every=1 pretrain.steps=2 pretrain.val_every=1 pretrain.batch_size=16 sweep.num_samples=2 "
+         "deploy.episodes=4 deploy.test_episodes=4")
 # Ray's teardown of a finished sweep's trial actors: the SIGTERM it sends one still in interpreter clean-up is
 # printed as an ignored exception (Ray's sigterm_handler raising SystemExit in a weakref callback). It follows
 # the sweep's result and changes nothing; every other traceback fails the line.
