@@ -36,7 +36,8 @@ NORM_TRANSDUCTIVE = "transductive"  # each forward pass's own batch: a query's a
 NORMS = (NORM_SUPPORT, NORM_TRANSDUCTIVE)
 DATA_AUGMENTS = ("", "support")  # data.augment: off, or the support sets of meta-training tasks
 REDUCE_FLAT, REDUCE_NODE = "flat", "node"  # scaling.reduce: shard sums straight to the driver, or summed per node
-REDUCE_MODES = (REDUCE_FLAT, REDUCE_NODE)
+REDUCE_COLLECTIVE = "collective"  # scaling.reduce: replicas on a Ray Train worker group all-reduce meta-gradients
+REDUCE_MODES = (REDUCE_FLAT, REDUCE_NODE, REDUCE_COLLECTIVE)
 
 
 class UserError(ValueError):
@@ -203,7 +204,10 @@ class ScalingConfig:
     precision: str = "fp32"
     # how the workers' meta-gradients reach the driver: "flat", each worker's shard sum goes to the driver; "node",
     # the shard sums of the workers on one node are added there (in its object store) and one sum a node crosses to
-    # the driver (docs/scaling.md). The same weights either way, to float rounding.
+    # the driver (docs/scaling.md); "collective", every worker of a Ray Train group holds the weights and optimiser
+    # state and all-reduces meta-gradients with torch.distributed (gloo on CPU, NCCL on GPU), the driver only
+    # coordinating (a lost worker restarts the group from the last checkpoint, up to scaling.max_restarts times).
+    # The same weights in every mode, to float rounding.
     reduce: str = REDUCE_FLAT
 
 
@@ -587,6 +591,13 @@ def check_static(cfg: Config) -> list[str]:
     _positive(p, "scaling.step_timeout_s", s.step_timeout_s)
     _choice(p, "scaling.precision", s.precision, ("fp32", "tf32", "bf16", "fp64"))
     _choice(p, "scaling.reduce", s.reduce, REDUCE_MODES)
+    if s.reduce == REDUCE_COLLECTIVE and s.num_workers < 1:
+        p.append("scaling.reduce: got 'collective' with scaling.num_workers=0, expected >= 1 worker (the replicas "
+                 "that all-reduce); set scaling.num_workers=N, or scaling.reduce=flat to train in this process")
+    elif s.reduce == REDUCE_COLLECTIVE and o.meta_batch_size < s.num_workers:
+        p.append(f"optim.meta_batch_size: got {o.meta_batch_size} with scaling.reduce=collective on "
+                 f"{s.num_workers} workers, expected >= {s.num_workers} (every replica computes a share of each "
+                 "meta-batch); raise optim.meta_batch_size or lower scaling.num_workers")
     _positive(p, "pretrain.num_workers", pt.num_workers)
     _positive(p, "pretrain.steps", pt.steps)
     _positive(p, "pretrain.batch_size", pt.batch_size)
