@@ -9,6 +9,11 @@ the page faults taken while training.
     python bench/train_speed.py jobs/configs/omniglot_maml.yaml --minutes 1.5 scaling.gpus_per_worker=1 \\
         scaling.precision=tf32
     python bench/train_speed.py jobs/configs/omniglot_maml.yaml --steps 7 algorithm.task_chunk_size=32
+    python bench/train_speed.py jobs/configs/sinusoid_maml.yaml --steps 300 --kernel
+    python bench/train_speed.py jobs/configs/sinusoid_maml.yaml --steps 300 --kernel algorithm.compile=true
+
+``--kernel`` also times the meta-gradient alone in a loop on one sampled meta-batch (the kernel) and prints
+kernel tasks/s, fit()'s tasks/s and their ratio, and the step's split: sampling, meta-gradient, the rest.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import argparse
 import json
 import resource
 import tempfile
+import time
+from collections.abc import Callable
 
 import torch
 
 from mtl_ray.components import load_config
+from mtl_ray.config import Config
 from mtl_ray.distributed.driver import MetaTrainer
 
 
@@ -31,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--minutes", type=float, default=1.5, help="training budget after one warm-up step")
     p.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes")
     p.add_argument("--val-tasks", type=int, default=600, help="meta-validation tasks at the end")
+    p.add_argument("--kernel", action="store_true", help="also time the meta-gradient alone (see above)")
     args = p.parse_intermixed_args(argv)  # overrides may come after --minutes
     cfg = load_config(args.config, [
         "scaling.num_workers=0", "scaling.torch_threads=0", "optim.steps=1000000", "optim.val_every=0",
@@ -46,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = trainer.fit(until=trainer.step + args.steps if args.steps else None)
         usage = resource.getrusage(resource.RUSAGE_SELF)  # training only: before the final validation
         faults, peak_rss_mib = usage.ru_minflt - faults, usage.ru_maxrss / 1024
+        kernel = _kernel(trainer, cfg, max(args.steps, 50), summary.tasks_per_s) if args.kernel else {}
         final_val = trainer.meta_validate()
         trainer.close()
     print(json.dumps({
@@ -53,8 +63,35 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__, "steps": summary.steps, "seconds": summary.seconds,
         "tasks_per_s": summary.tasks_per_s, "final_val": final_val,
         "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else 0.0,
-        "peak_rss_mib": peak_rss_mib, "page_faults": faults}))
+        "peak_rss_mib": peak_rss_mib, "page_faults": faults, **kernel}))
     return 0
+
+
+def _kernel(trainer: MetaTrainer, cfg: Config, steps: int, fit_tasks_per_s: float) -> dict[str, float]:
+    """The meta-gradient alone on one meta-batch, ``steps`` times, and sampling alone (in-process worker)."""
+    worker = trainer.executor.worker  # type: ignore[attr-defined]  # num_workers=0: a LocalExecutor
+    n = cfg.optim.meta_batch_size
+    batch = worker._sample("train", 0, range(n), augment=True)
+    params = worker._params(trainer.params)
+    cuda = batch.support_x.is_cuda
+
+    def timed(fn: Callable[[int], object]) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for i in range(steps):
+            fn(i)
+        if cuda:
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / steps
+
+    with worker._numerics():
+        kernel_s = timed(lambda i: worker.learner.algorithm.meta_gradient(params, batch))
+    sample_s = timed(lambda i: worker._draw("train", i, range(n), augment=True))
+    step_s = n / fit_tasks_per_s
+    return {"kernel_tasks_per_s": n / kernel_s, "fit_over_kernel": fit_tasks_per_s * kernel_s / n,
+            "step_ms": 1e3 * step_s, "kernel_ms": 1e3 * kernel_s, "sample_ms": 1e3 * sample_s,
+            "rest_ms": 1e3 * (step_s - kernel_s)}
 
 
 if __name__ == "__main__":

@@ -62,12 +62,23 @@ def reduce_results(results: Sequence[ShardResult]) -> tuple[Params, int, dict[st
     """Task-weighted mean of shard sums: ``sum_i grads_i / sum_i n_i`` (and the same for metrics)."""
     total = sum(r.num_tasks for r in results)
     keys = results[0].grads.keys()
-    grads = {k: torch.stack([r.grads[k] for r in results]).sum(0) / total for k in keys}
+    if len(results) == 1:  # one shard (in-process): nothing to stack; the same values as stacking one
+        grads = {k: results[0].grads[k] / total for k in keys}
+    else:
+        grads = {k: torch.stack([r.grads[k] for r in results]).sum(0) / total for k in keys}
     sums: dict[str, float] = {}
     for r in results:
         for k, v in r.metrics.items():
             sums[k] = sums.get(k, 0.0) + v
     return grads, total, sums
+
+
+def grad_norm(grads: Params) -> float:
+    """The global L2 norm of ``grads``, in float64, with one device-to-host read (not one per tensor)."""
+    if not grads:
+        return 0.0
+    norms = torch._foreach_norm([g.double() for g in grads.values()])
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 def build_optimizer(cfg: Config, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
@@ -143,7 +154,7 @@ class MetaTrainer:
 
     def outer_step(self, grads: Params) -> float:
         """Apply the mean meta-gradient; skip (and count) the step when it is not finite."""
-        norm = math.sqrt(sum(float((g.double() ** 2).sum()) for g in grads.values()))
+        norm = grad_norm(grads)
         if not math.isfinite(norm):
             self.skipped_steps += 1
             return norm

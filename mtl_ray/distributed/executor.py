@@ -48,7 +48,7 @@ class LocalExecutor:
         return [self.worker.evaluate(params, split, step, s, inner_steps) for s in shards]
 
     def close(self) -> None:
-        pass
+        self.worker.close()
 
 
 def build_executor(cfg: Config) -> Executor:

@@ -74,6 +74,10 @@ class WorkerActor:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
+    def prefetch_hits(self) -> int:
+        """Shards this actor served from the batch it sampled ahead (:class:`ShardWorker`'s ``prefetch``)."""
+        return self.worker.prefetch_hits
+
     def sum_grads(self, *grads: Params) -> Params:
         """:func:`node_sum` in this actor's process, on its node (``scaling.reduce=node``)."""
         return node_sum(*grads)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import cast
 
 import torch
@@ -28,8 +29,31 @@ def resolve_device(gpus: float) -> torch.device:
     return torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu")
 
 
+class _Prefetch:
+    """One batch sampled in a background thread: ``key`` says which, :meth:`wait` returns it (None if it failed)."""
+
+    def __init__(self, key: tuple, draw: Callable[[], TaskBatch]):
+        self.key = key
+        self.batch: TaskBatch | None = None
+        self.thread = threading.Thread(target=self._run, args=(draw,), name="mtl-ray-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self, draw: Callable[[], TaskBatch]) -> None:
+        with contextlib.suppress(Exception):  # a failure is the main thread's to raise: it samples afresh
+            self.batch = draw()
+
+    def wait(self) -> TaskBatch | None:
+        self.thread.join()
+        return self.batch
+
+
 class ShardWorker:
-    def __init__(self, cfg: Config | str, device: str | torch.device = "cpu"):
+    """``prefetch``: while a meta-training shard computes, sample the same indices' tasks of the next step in a
+    background thread; the next call uses them only when it asks for exactly those (step, indices), else samples
+    afresh. Tasks are a pure function of their coordinates, so results are bit-identical either way; the source is
+    never used by two threads at once (every other sample waits for the one in flight)."""
+
+    def __init__(self, cfg: Config | str, device: str | torch.device = "cpu", *, prefetch: bool = True):
         self.cfg = from_dict(json.loads(cfg)) if isinstance(cfg, str) else cfg
         tune_allocator()
         if self.cfg.scaling.torch_threads:
@@ -43,6 +67,9 @@ class ShardWorker:
         self.bf16 = self.cfg.scaling.precision == "bf16"
         # fp64: inputs and weights in float64 (None: as they come, float32)
         self.dtype = torch.float64 if self.cfg.scaling.precision == "fp64" else None
+        self.prefetch = prefetch
+        self._next: _Prefetch | None = None  # the next step's training tasks, being sampled
+        self.prefetch_hits = 0  # meta-training shards served by the prefetched batch
 
     @contextlib.contextmanager
     def _numerics(self) -> Iterator[None]:
@@ -55,6 +82,10 @@ class ShardWorker:
 
     def _sample(self, split: str, step: int, indices: Sequence[int], *, augment: bool = False) -> TaskBatch:
         """``augment``: meta-training's tasks, whose support sets data.augment transforms (validation's never)."""
+        self._settle()  # the task source is not shared between threads
+        return self._draw(split, step, indices, augment=augment)
+
+    def _draw(self, split: str, step: int, indices: Sequence[int], *, augment: bool = False) -> TaskBatch:
         source = self.learner.source
         assert source is not None, "a ShardWorker's learner is built with its task source"
         if augment and self.cfg.data.augment:  # set only for image sources, whose sample takes augment=
@@ -64,10 +95,36 @@ class ShardWorker:
     def _params(self, params: Params) -> Params:
         return {k: torch.as_tensor(v).to(self.device, self.dtype) for k, v in params.items()}
 
+    def _settle(self) -> TaskBatch | None:
+        """Wait for the prefetch in flight (if any) and return its batch, keeping it for a later matching call."""
+        return self._next.wait() if self._next is not None else None
+
+    def _train_batch(self, step: int, indices: Sequence[int]) -> TaskBatch:
+        """Meta-training's tasks ``indices`` at ``step``: the prefetched batch when it is exactly these, else sampled
+        now; then (``prefetch``) the same indices at ``step + 1`` start sampling in the background."""
+        key = (step, tuple(int(i) for i in indices))
+        pending, self._next = self._next, None
+        batch = pending.wait() if pending is not None and pending.key == key else None
+        if batch is None:
+            if pending is not None:
+                pending.wait()  # a stale one still in flight must not use the source alongside this sample
+            batch = self._draw("train", step, indices, augment=True)
+        else:
+            self.prefetch_hits += 1
+        if self.prefetch:
+            nxt = (step + 1, key[1])
+            self._next = _Prefetch(nxt, lambda: self._draw("train", nxt[0], nxt[1], augment=True))
+        return batch
+
+    def close(self) -> None:
+        """Let the prefetch in flight finish and drop it."""
+        self._settle()
+        self._next = None
+
     def meta_gradient(self, params: Params, step: int, indices: Sequence[int]) -> ShardResult:
         """Sum of meta-gradients of training tasks ``indices`` at ``step`` (grads returned on CPU)."""
         t0 = time.perf_counter()
-        batch = self._sample("train", step, indices, augment=True)
+        batch = self._train_batch(step, indices)
         with self._numerics():
             result = self.learner.algorithm.meta_gradient(self._params(params), batch)
         grads = {k: v.detach().cpu() for k, v in result.grads.items()}
