@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mtl_ray.algorithms import FunctionalAlgorithm, Learner, Params, TaskShape, build_learner, linear_probe, uses_head
+from mtl_ray.algorithms import FunctionalAlgorithm, Learner, Params, TaskShape, build_learner, pretrain_probe, uses_head
 from mtl_ray.algorithms.finetune import FineTune, api_seed
 from mtl_ray.checkpoint import PRETRAIN_STAGE, load_checkpoint
 from mtl_ray.config import Config, UserError
@@ -156,7 +156,9 @@ class FewShotLearner:
                  pretrained: bool = False):
         self.cfg = cfg
         self.pretrained = pretrained
-        self.default_steps = cfg.pretrain.probe_steps if pretrained else cfg.eval_inner_steps
+        # a pretrained body adapts as pretrain.probe says: the linear probe's steps, or none (cosine class means)
+        probe_steps = cfg.pretrain.probe_steps if cfg.pretrain.probe == "linear" else 0
+        self.default_steps = probe_steps if pretrained else cfg.eval_inner_steps
         self.shape = shape
         self.device = torch.device(device)
         # float32 whatever the run trained in (scaling.precision=fp64 checkpoints hold float64 weights)
@@ -170,7 +172,7 @@ class FewShotLearner:
         return self.cfg.pretrain.probe_lr if self.pretrained else self.cfg.algorithm.inner_lr
 
     def __repr__(self) -> str:
-        what = "pretrained body + linear head" if self.pretrained else self.cfg.algorithm.name
+        what = f"pretrained body + {self.cfg.pretrain.probe} probe" if self.pretrained else self.cfg.algorithm.name
         finetune = FineTune.from_config(self.cfg)  # the model's default adaptation (a deployed model's chosen one)
         how = finetune.describe() if finetune else f"steps={self.default_steps}, inner_lr={self.default_inner_lr:g}"
         return (f"FewShotLearner({what}, x_shape={tuple(self.shape.x_shape)}, ways={self.shape.ways}, "
@@ -193,8 +195,8 @@ class FewShotLearner:
             tuned = dict(zip(("algorithm.finetune_steps", "algorithm.finetune_lr", "algorithm.finetune_augment"),
                              finetune, strict=True))
             if self.pretrained:
-                cfg, params = linear_probe(self.cfg.replace(**{"pretrain.probe_lr": inner_lr, **tuned}), self.params,
-                                           shape)
+                cfg, params = pretrain_probe(self.cfg.replace(**{"pretrain.probe_lr": inner_lr, **tuned}),
+                                             self.params, shape)
                 self._learners[key] = (build_learner(cfg, shape=shape),
                                        {k: v.to(self.device) for k, v in params.items()})
             else:

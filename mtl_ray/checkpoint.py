@@ -68,7 +68,7 @@ RESUME_MAY_CHANGE: frozenset[str] = frozenset({
     "algorithm.task_chunk_size", "algorithm.chunk_memory_mb", "algorithm.compile",
     "optim.steps", "optim.max_minutes", "optim.val_every", "optim.val_tasks",
     "pretrain.steps", "pretrain.max_minutes", "pretrain.val_every", "pretrain.num_workers",
-    "pretrain.max_failures", "pretrain.probe_steps", "pretrain.probe_lr",
+    "pretrain.max_failures", "pretrain.probe_steps", "pretrain.probe_lr", "pretrain.probe",
     "algorithm.finetune_steps", "algorithm.finetune_lr", "algorithm.finetune_augment",  # how eval adapts, not training
     "scaling.*",
     "tracking.*",
@@ -459,10 +459,10 @@ def check_resume(point: ResumePoint, cfg: Config, stage: str) -> None:
 def _expected_params(cfg: Config, ck: Checkpoint) -> dict[str, torch.Tensor]:
     """The parameter shapes ``cfg`` builds for the checkpoint's task shape (its stage's model)."""
     from mtl_ray.algorithms import build_learner
-    from mtl_ray.models import build_model
+    from mtl_ray.models import build_pretrain_model
 
     if ck.stage == PRETRAIN_STAGE:  # a classifier over every train class: ways is that class count
-        return dict(build_model(cfg, ck.shape.x_shape, ck.shape.ways).named_parameters())
+        return dict(build_pretrain_model(cfg, ck.shape.x_shape, ck.shape.ways).named_parameters())
     learner = build_learner(cfg, shape=ck.shape)
     return learner.algorithm.init_params(dict(learner.model.named_parameters()))
 

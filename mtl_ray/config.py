@@ -28,6 +28,9 @@ import yaml
 DATA_DIR_ENV = "MTL_RAY_DATA_DIR"
 
 OPTIMIZERS = ("adam", "sgd")
+PRETRAIN_SCHEDULES = ("constant", "cosine")  # pretrain.schedule (mtl_ray/distributed/pretrain.py, pretrain_lr)
+PRETRAIN_HEADS = ("linear", "cosine")  # pretrain.head (mtl_ray/models/layers.py, CosineHead)
+PRETRAIN_PROBES = ("linear", "cosine")  # pretrain.probe (mtl_ray/algorithms/probe.py)
 DOWNSAMPLE = ("pool", "stride")
 CONV_IMPLS = ("folded", "native", "im2col")
 # model.norm: where batch-norm statistics come from (docs/architecture.md, "Normalisation")
@@ -183,6 +186,19 @@ class PretrainConfig:
     # frozen body, fine-tuned on each support set with probe_steps full-batch gradient steps of size probe_lr.
     probe_steps: int = 100
     probe_lr: float = 0.1  # step size of the linear probe (see probe_steps)
+    # How `mtl-ray eval` and the Python API score a pretrained body: "linear" (the probe of probe_steps/probe_lr;
+    # Chen et al. 2019's Baseline) or "cosine" (nearest class mean by cosine similarity on the frozen body, no steps:
+    # Chen et al. 2021's Classifier-Baseline evaluation, i.e. algorithm meta_baseline at step 0)
+    probe: str = "linear"
+    # learning rate over the steps: "constant" (pretrain.lr throughout) or "cosine" (annealed from pretrain.lr to 0
+    # at pretrain.steps, Loshchilov & Hutter 2017, as in Tian et al. 2020's pretraining); a function of the step only
+    schedule: str = "constant"
+    warmup_steps: int = 0  # steps of linear warm-up from pretrain.lr/warmup_steps to pretrain.lr first; 0: none
+    # the classifier over every train class: "linear" (nn.Linear) or "cosine" (scale * cos(feature, class weight),
+    # Chen et al. 2019's Baseline++); only the body is handed on (model.init, eval), so this shapes pretraining only
+    head: str = "linear"
+    head_scale: float = 10.0  # cosine head: the scale of its logits (its starting value when head_scale_learned)
+    head_scale_learned: bool = True  # cosine head: learn head_scale with the weights (Gidaris & Komodakis 2018)
     # random resized crop, flip and colour jitter of every training image (mtl_ray/data/augment.py), drawn from
     # (seed, step, place in the batch), on the worker's device; held-out images are never augmented
     augment: bool = False
@@ -610,6 +626,14 @@ def check_static(cfg: Config) -> list[str]:
     _positive(p, "pretrain.max_minutes", pt.max_minutes, allow_zero=True)
     _positive(p, "pretrain.probe_steps", pt.probe_steps, allow_zero=True)
     _positive(p, "pretrain.probe_lr", pt.probe_lr, allow_zero=True)
+    _choice(p, "pretrain.probe", pt.probe, PRETRAIN_PROBES)
+    _choice(p, "pretrain.schedule", pt.schedule, PRETRAIN_SCHEDULES)
+    _choice(p, "pretrain.head", pt.head, PRETRAIN_HEADS)
+    _positive(p, "pretrain.head_scale", pt.head_scale)
+    _positive(p, "pretrain.warmup_steps", pt.warmup_steps, allow_zero=True)
+    if pt.warmup_steps >= pt.steps > 0:
+        p.append(f"pretrain.warmup_steps: got {pt.warmup_steps}, expected fewer than pretrain.steps={pt.steps} "
+                 "(warm-up is the first part of the schedule); lower it, e.g. to a tenth of the steps")
     if pt.num_workers > 0 and pt.batch_size % pt.num_workers:
         p.append(f"pretrain.batch_size: got {pt.batch_size}, expected a multiple of pretrain.num_workers="
                  f"{pt.num_workers} (each worker takes an equal share of the global batch)")

@@ -20,6 +20,7 @@ PRETRAIN_VAL_LOSS = "pretrain/val_loss"  # held-out examples of the pretraining 
 PRETRAIN_VAL_ACC = "pretrain/val_acc"
 PRETRAIN_IMAGES_PER_S = "pretrain/images_per_s"
 PRETRAIN_WORKERS = "pretrain/workers"  # data-parallel Ray Train workers in the group
+PRETRAIN_LR = "pretrain/lr"  # the learning rate of the last step reported (pretrain.schedule, warmup_steps)
 
 
 def prefixed(phase: str, sums: dict[str, float], num_tasks: int) -> dict[str, float]:

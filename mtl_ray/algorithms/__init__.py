@@ -19,7 +19,7 @@ from mtl_ray.algorithms.learner import (
 )
 from mtl_ray.algorithms.metric_based import MetaBaseline, ProtoNet, RelationNetwork
 from mtl_ray.algorithms.mtl import MTL
-from mtl_ray.algorithms.probe import linear_probe
+from mtl_ray.algorithms.probe import cosine_probe, linear_probe, pretrain_probe, probe_description
 from mtl_ray.algorithms.registry import ALGORITHMS, algorithm_class, uses_head
 from mtl_ray.algorithms.reptile import Reptile
 
@@ -46,7 +46,10 @@ __all__ = [
     "build_algorithm",
     "build_learner",
     "check_param_shapes",
+    "cosine_probe",
     "initial_meta_params",
     "linear_probe",
+    "pretrain_probe",
+    "probe_description",
     "uses_head",
 ]

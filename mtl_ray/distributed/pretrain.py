@@ -47,13 +47,13 @@ from mtl_ray.checkpoint import (
     save_checkpoint,
 )
 from mtl_ray.components import from_dict
-from mtl_ray.config import Config, UserError
+from mtl_ray.config import Config, PretrainConfig, UserError
 from mtl_ray.data import load_source
 from mtl_ray.data.augment import pretrain_params
 from mtl_ray.data.registry import channel_stats
 from mtl_ray.data.supervised import LabelledImages, batch_indices, supervised_split
 from mtl_ray.distributed.driver import Callback
-from mtl_ray.models import build_model, initial_params
+from mtl_ray.models import build_pretrain_model, initial_params
 from mtl_ray.models.resnet import pretrain_drop_keys
 from mtl_ray.runtime import fp32_precision, tune_allocator
 
@@ -85,6 +85,24 @@ def build_optimizer(cfg: Config, params: Sequence[torch.Tensor]) -> torch.optim.
     if p.optimizer == "adam":
         return torch.optim.AdamW(list(params), lr=p.lr, weight_decay=p.weight_decay)
     return torch.optim.SGD(list(params), lr=p.lr, momentum=0.9, weight_decay=p.weight_decay)
+
+
+def pretrain_lr(p: PretrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based: the step that takes the weights from ``step`` to
+    ``step + 1``), a function of the step alone, so a resumed run follows the schedule an uninterrupted one does.
+
+    Warm-up (``pretrain.warmup_steps = w > 0``): ``lr * (step + 1) / w`` for ``step < w`` (Goyal et al. 2017).
+    Then ``pretrain.schedule``: "constant" keeps ``lr``; "cosine" anneals it to 0 over the remaining steps,
+    ``lr * (1 + cos(pi * (step - w) / (pretrain.steps - w))) / 2`` (SGDR without restarts: Loshchilov & Hutter,
+    ICLR 2017; the pretraining of Tian et al., "Rethinking Few-Shot Image Classification", ECCV 2020, which
+    decays in steps instead, and of Chen et al. 2021's Classifier-Baseline).
+    """
+    w = p.warmup_steps
+    if step < w:
+        return p.lr * (step + 1) / w
+    if p.schedule == "cosine":
+        return p.lr * 0.5 * (1.0 + math.cos(math.pi * min(step - w, p.steps - w) / max(p.steps - w, 1)))
+    return p.lr
 
 
 def _mean_across(values: Sequence[float], device: torch.device) -> list[float]:
@@ -150,7 +168,7 @@ def _pretrain(cfg: Config, resume_from: str) -> None:
     device = ray.train.torch.get_device()
     train, held = pretrain_data(cfg)
     x_shape = tuple(int(s) for s in train.x.shape[1:])
-    model = build_model(cfg, x_shape, train.num_classes)
+    model = build_pretrain_model(cfg, x_shape, train.num_classes)  # pretrain.head: linear or cosine
     start = _start_state(resume_from)
     weights = start.params if start is not None else initial_params(model, cfg.seed)
     model.load_state_dict(weights)  # every parameter; the skeleton holds no buffers
@@ -174,6 +192,8 @@ def _pretrain(cfg: Config, resume_from: str) -> None:
         loss = F.cross_entropy(out, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        for group in optimizer.param_groups:  # pretrain.schedule/warmup_steps: set from the step, every step
+            group["lr"] = pretrain_lr(p, step)
         optimizer.step()
         step += 1
         images += len(y) * world
@@ -188,7 +208,7 @@ def _pretrain(cfg: Config, resume_from: str) -> None:
         final = step == p.steps or late > 0
         secs = max(time.perf_counter() - t0, 1e-9)
         metrics = {M.PRETRAIN_LOSS: loss_mean, M.PRETRAIN_ACC: acc_mean, M.PRETRAIN_IMAGES_PER_S: images / secs,
-                   M.PRETRAIN_WORKERS: float(world), "step": float(step)}
+                   M.PRETRAIN_WORKERS: float(world), M.PRETRAIN_LR: pretrain_lr(p, step - 1), "step": float(step)}
         window, t0, images = [], time.perf_counter(), 0
         if len(held) and (final or (p.val_every and step % p.val_every == 0)):
             metrics.update(_held_out(model, held, rank, world, device))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from mtl_ray.config import Config
+from mtl_ray.models.layers import CosineHead
 from mtl_ray.models.nets import HEAD_PREFIX, MLP, Conv4, RelationNet
 from mtl_ray.models.registry import MODELS, ModelClass
 
@@ -15,10 +16,12 @@ __all__ = [
     "MLP",
     "MODELS",
     "Conv4",
+    "CosineHead",
     "ModelClass",
     "RelationNet",
     "body_params",
     "build_model",
+    "build_pretrain_model",
     "initial_params",
     "modulated_layers",
 ]
@@ -37,6 +40,18 @@ def build_model(cfg: Config, x_shape: tuple[int, ...], out_features: int,
         if cls is None:
             raise ValueError(f"model.name: got {cfg.model.name!r}, expected one of: {', '.join(MODELS)}")
     return cls.from_config(cfg.model, x_shape, out_features)
+
+
+def build_pretrain_model(cfg: Config, x_shape: tuple[int, ...], classes: int) -> nn.Module:
+    """The model ``mtl-ray pretrain`` trains: the ``model.name`` body with a head over every one of ``classes``
+    train classes, ``pretrain.head`` "linear" (``nn.Linear``) or "cosine" (:class:`CosineHead`, Baseline++)."""
+    model = build_model(cfg, x_shape, classes)
+    p = cfg.pretrain
+    if p.head == "cosine":
+        linear = model.get_submodule(HEAD_PREFIX.rstrip("."))
+        assert isinstance(linear, nn.Linear), f"{cfg.model.name}: expected an nn.Linear head to replace"
+        model.head = CosineHead(linear.in_features, classes, scale=p.head_scale, learn_scale=p.head_scale_learned)
+    return model
 
 
 def initial_params(model: nn.Module, seed: int) -> dict[str, torch.Tensor]:

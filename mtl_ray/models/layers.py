@@ -158,3 +158,31 @@ def block_output_size(size: int, blocks: int, downsample: str, pooled: int | Non
     for _ in range(pooled):
         size = size // 2 if downsample == "pool" else (size + 1) // 2
     return size
+
+
+class CosineHead(nn.Module):
+    """A cosine-similarity classifier: ``logits = s * (z / ||z||) @ (W / ||W_row||)^T`` for ``z [N, D]``, ``W [C, D]``.
+
+    Chen, Liu, Kira, Wang, Huang, "A Closer Look at Few-shot Classification", ICLR 2019 (Baseline++): each class's
+    logit is the cosine similarity of the feature to that class's weight vector, times a scale ``s``, which reduces
+    intra-class variation of the features. ``learn_scale``: ``s`` is a parameter (``scale``, 0-d) starting at
+    ``scale``, as in Gidaris & Komodakis, "Dynamic Few-Shot Visual Learning without Forgetting", CVPR 2018; else a
+    fixed constant (Chen et al.: 2 for up to 200 classes, 10 beyond). No bias: it would undo the normalisation.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, scale: float = 10.0, learn_scale: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.start_scale = in_features, out_features, float(scale)
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.scale: nn.Parameter | float = nn.Parameter(torch.tensor(self.start_scale)) if learn_scale else scale
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)  # nn.Linear's weight initialisation
+        if isinstance(self.scale, nn.Parameter):
+            with torch.no_grad():
+                self.scale.fill_(self.start_scale)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """``[N, D] -> [N, C]``."""
+        return self.scale * (F.normalize(z, dim=-1) @ F.normalize(self.weight, dim=-1).t())

@@ -1,7 +1,8 @@
 """The evaluation recipe: meta-test a checkpoint on held-out episodes, or on Lake's one-shot runs.
 
 ``mtl-ray eval``'s body. A meta-training checkpoint adapts as it was trained; a pretraining one is
-scored "pretrain-only" (a linear head fine-tuned on each support set, :func:`mtl_ray.algorithms.linear_probe`).
+scored "pretrain-only" by ``pretrain.probe``: a linear head fine-tuned on each support set
+(:func:`mtl_ray.algorithms.linear_probe`) or cosine nearest class means (:func:`mtl_ray.algorithms.cosine_probe`).
 Episodes are the fixed tasks ``(split, step 0, index 0..N-1)``, so every checkpoint meets the same ones.
 """
 
@@ -16,7 +17,15 @@ from typing import TextIO
 import torch
 
 from mtl_ray import metrics as M
-from mtl_ray.algorithms import Params, TaskShape, build_learner, check_param_shapes, linear_probe, uses_head
+from mtl_ray.algorithms import (
+    Params,
+    TaskShape,
+    build_learner,
+    check_param_shapes,
+    pretrain_probe,
+    probe_description,
+    uses_head,
+)
 from mtl_ray.algorithms.finetune import FineTune, api_seed
 from mtl_ray.checkpoint import PRETRAIN_STAGE, load_checkpoint
 from mtl_ray.components import from_dict
@@ -108,10 +117,10 @@ def evaluate(ckpt_path: str, *, overrides: Sequence[str] = (), split: str = "tes
     ck = load_checkpoint(ckpt_path)
     cfg = from_dict(ck.config.to_dict(), overrides)  # the run's data root travels with its config
     params, shape, method = ck.params, ck.shape, cfg.algorithm.name
-    if ck.stage == PRETRAIN_STAGE:  # "pretrain-only": a linear head fine-tuned on each support set
+    if ck.stage == PRETRAIN_STAGE:  # "pretrain-only": pretrain.probe, linear head or cosine class means per task
         shape = TaskShape(ck.shape.kind, ck.shape.x_shape, WAYS if lake is not None else cfg.data.ways)
-        cfg, params = linear_probe(cfg, ck.params, shape)
-        method = f"pretrained body + linear head, lr {cfg.algorithm.inner_lr:g}"
+        cfg, params = pretrain_probe(cfg, ck.params, shape)
+        method = probe_description(cfg)
     finetune = FineTune.from_config(cfg)
     if finetune is not None:  # algorithm.finetune_steps > 0: body + prototype-initialised head fine-tuned per task
         method += f", test-time {finetune.describe()}"

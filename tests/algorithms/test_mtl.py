@@ -1,11 +1,12 @@
-"""Meta-transfer learning (Sun et al. 2019): the modulation, the frozen body, and the pretrain-only probe."""
+"""Meta-transfer learning (Sun et al. 2019): the modulation, the frozen body, and the pretrain-only probes."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
-from mtl_ray.algorithms import MTL, TaskShape, build_learner, initial_meta_params, linear_probe
+from mtl_ray.algorithms import MTL, TaskShape, build_learner, initial_meta_params, linear_probe, pretrain_probe
 from mtl_ray.components import from_dict
 from mtl_ray.data.base import TaskBatch
 from mtl_ray.models import modulated_layers
@@ -115,6 +116,37 @@ def test_linear_probe_is_anil_with_a_zero_head_on_the_pretrained_body():
     assert (probe.algorithm.name, probe.algorithm.inner_lr, probe.eval_inner_steps) == ("anil", 0.05, 7)
     assert all(torch.equal(params[k], pretrained[k]) for k in params if k.startswith("body."))
     assert params["head.weight"].shape == (3, 4) and not params["head.weight"].any() and not params["head.bias"].any()
+
+
+def test_cosine_probe_is_the_pretrained_heads_scale_times_cosine_to_class_means_by_hand():
+    """pretrain.probe=cosine: Meta-Baseline at step 0 on the frozen body (an MLP here: its embedding by hand)."""
+    cfg = from_dict({"data": {"ways": 3, "image_size": 4}, "model": {"name": "mlp", "hidden_sizes": [5]},
+                     "pretrain": {"probe": "cosine"}})
+    g = torch.Generator().manual_seed(1)
+    w, b = torch.randn(5, 16, generator=g), torch.randn(5, generator=g)  # float32, as a checkpoint holds them
+    pretrained = {"body.1.weight": w, "body.1.bias": b, "head.weight": torch.randn(40, 5),
+                  "head.scale": torch.tensor(4.5)}
+    shape = TaskShape("classification", (1, 4, 4), 3)
+    probe, params = pretrain_probe(cfg, pretrained, shape)
+    assert (probe.algorithm.name, probe.eval_inner_steps, probe.algorithm.temperature) == ("meta_baseline", 0, 4.5)
+    assert sorted(params) == ["body.1.bias", "body.1.weight", "meta.temperature"]  # the pretrained head is dropped
+    alg = build_learner(probe, shape=shape).algorithm
+    alg.model.double()
+    sx, qx = torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64), torch.randn(4, 1, 4, 4, generator=g,
+                                                                                   dtype=torch.float64)
+    sy = torch.tensor([0, 0, 1, 1, 2, 2])
+    params = {k: v.double() for k, v in params.items()}
+    logits = alg.predict(params, alg.adapt(params, sx, sy), qx)
+
+    def z(x: torch.Tensor) -> torch.Tensor:  # the MLP body by hand
+        return torch.relu(x.flatten(1) @ w.double().t() + b.double())
+
+    means = torch.stack([z(sx)[sy == n].mean(0) for n in range(3)])
+    want = 4.5 * F.normalize(z(qx), dim=-1) @ F.normalize(means, dim=-1).t()
+    assert torch.allclose(logits, want, atol=1e-12, rtol=0)
+    no_head = pretrain_probe(cfg, {k: v for k, v in pretrained.items() if k.startswith("body.")}, shape)[0]
+    assert no_head.algorithm.temperature == cfg.algorithm.temperature  # a linear head's body: algorithm.temperature
+    assert pretrain_probe(cfg.replace(**{"pretrain.probe": "linear"}), pretrained, shape)[0].algorithm.name == "anil"
 
 
 def test_mtl_before_meta_training_is_the_pretrain_only_probe():

@@ -3,6 +3,7 @@ worker-failure recovery, and cross-domain evaluation through the CLI."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -21,6 +22,8 @@ from mtl_ray.components import from_dict
 from mtl_ray.config import ConfigError
 from mtl_ray.distributed.driver import MetaTrainer
 from mtl_ray.distributed.executor import LocalExecutor
+from mtl_ray.distributed.pretrain import pretrain_lr
+from mtl_ray.recipes.evaluate import evaluate
 from mtl_ray.recipes.pretrain import pretrain as run_pretraining
 from mtl_ray.recipes.train import check_config
 from mtl_ray.tracking.local import read_metrics
@@ -40,9 +43,11 @@ def _pretrain_cfg(root: Path, run_dir: Path, **pretrain):
 
 @pytest.fixture(scope="module")
 def pretrained(ray_cluster, omniglot_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    """One real pretraining run on the session's Ray: 2 Ray Train workers, 120 steps, local MLflow."""
+    """One real pretraining run on the session's Ray: 2 Ray Train workers, 120 steps, local MLflow; with a cosine
+    head (Baseline++) and a warmed-up cosine learning-rate schedule, so the resume test checks both resume exactly
+    (the killed-worker test runs the defaults: a linear head at a constant rate)."""
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
-    cfg = _pretrain_cfg(omniglot_root, run_dir)
+    cfg = _pretrain_cfg(omniglot_root, run_dir, head="cosine", schedule="cosine", warmup_steps=10)
     summary = run_pretraining(cfg, run_dir)
     return cfg, run_dir, summary
 
@@ -56,6 +61,9 @@ def test_pretraining_on_two_ray_train_workers_learns_and_checkpoints(pretrained)
     assert rows[-1][M.PRETRAIN_VAL_ACC] > 10 / 163  # held-out examples, far above chance
     ck = load_checkpoint(summary.checkpoint)
     assert (ck.stage, ck.step, ck.shape.ways) == ("pretrain", 120, 163)
+    assert "head.bias" not in ck.params and float(ck.params["head.scale"]) != 10.0  # the cosine head's learned scale
+    assert [r[M.PRETRAIN_LR] for r in rows] == [pretrain_lr(cfg.pretrain, s - 1) for s in range(20, 121, 20)]
+    assert rows[-1][M.PRETRAIN_LR] < 1e-5 < rows[0][M.PRETRAIN_LR]  # annealed to ~0 at pretrain.steps
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step_00000060.pt", "step_00000120.pt"]
     from mlflow.tracking import MlflowClient
 
@@ -141,6 +149,10 @@ def test_cross_domain_eval_on_digits_through_the_cli(pretrained, omniglot_root: 
     assert "digits/test: 100 episodes, 5-way 1-shot" in out and "pretrained body + linear head" in out
     acc, half = _accuracy(out)
     assert acc - half > 20.0 + 5.0  # chance is 20%
+    buf = io.StringIO()  # pretrain.probe=cosine: the same episodes by cosine nearest class mean (no steps)
+    cosine = evaluate(str(run_dir), overrides=["data.source=digits", "pretrain.probe=cosine"], episodes=100, out=buf)
+    assert "pretrained body + cosine nearest class mean" in buf.getvalue() and "0 inner steps" in buf.getvalue()
+    assert cosine[M.META_TEST_ACC] - cosine[M.META_TEST_ACC + "_ci95"] > 0.25
     meta = _meta_cfg(cfg, run_dir, "mtl", inner_lr=0.1, inner_steps=5)
     trainer = MetaTrainer.create(meta, tmp_path, executor=LocalExecutor(meta))
     trainer.fit()
@@ -213,6 +225,12 @@ def test_the_python_api_adapts_a_pretrained_body_to_any_number_of_classes(pretra
         truth = [n for n in names for _ in range(20)]
         acc = sum(p == n for p, n in zip(adapted.predict(queries), truth, strict=True)) / len(truth)
         assert acc > 1.5 / len(names), (names, acc)  # well above chance
+        ck = load_checkpoint(str(run_dir))  # pretrain.probe=cosine: class means by cosine, no head, no steps
+        cosine = FewShotLearner(ck.config.replace(**{"pretrain.probe": "cosine"}), ck.params, ck.shape,
+                                pretrained=True).adapt(support, [n for n in names for _ in range(5)])
+        assert "head.weight" not in cosine.params and "meta.temperature" in cosine.params
+        acc = sum(p == n for p, n in zip(cosine.predict(queries), truth, strict=True)) / len(truth)
+        assert acc > 1.5 / len(names), (names, acc)
 
 
 def test_cli_pretrain_rejects_a_bad_config_before_ray_starts(omniglot_root, tmp_path):
