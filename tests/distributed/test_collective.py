@@ -50,20 +50,6 @@ def _assert_same(params: dict[str, torch.Tensor], reference: dict[str, torch.Ten
         assert torch.allclose(params[k], reference[k], atol=1e-10, rtol=1e-9), k
 
 
-def test_replicas_reach_in_process_weights_and_resume_exactly(ray_cluster, tmp_path):
-    reference, val = _in_process(10, tmp_path / "ref")
-    run = tmp_path / "run"
-    first = train(_cfg(2, 6), run, out=io.StringIO())  # stops at 6 ...
-    assert first.step == 6 and first.tasks == 6 * META_BATCH
-    summary = train(_cfg(2, 10), run, resume=True, out=io.StringIO())  # ... and continues to 10
-    ck = load_checkpoint(summary.checkpoint)
-    assert ck.step == 10 and summary.tasks == 4 * META_BATCH and summary.worker_faults == 0
-    _assert_same(ck.params, reference)
-    assert summary.final_val == pytest.approx(val, rel=1e-9)  # the validation tasks split across replicas
-    rows = read_metrics(run)
-    assert [r["step"] for r in rows] == list(range(1, 11))  # every step once, from the reports' batches
-
-
 def _train_worker_pids(raylet: int) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():
@@ -76,17 +62,18 @@ def _train_worker_pids(raylet: int) -> list[int]:
     return pids
 
 
-def test_a_killed_replica_restarts_the_group_from_its_checkpoint_with_the_fault_free_result(ray_cluster, tmp_path):
-    steps = 60
-    reference, _ = _in_process(steps, tmp_path / "ref")
+def test_replicas_reach_in_process_weights_through_a_killed_worker_and_a_resume(ray_cluster, tmp_path):
+    """One run to step 30 in which a replica is killed after the step-20 checkpoint (the group restarts from it),
+    then a resume to step 40: the in-process run's weights and meta-validation, every step recorded once."""
+    reference, val = _in_process(40, tmp_path / "ref")
     run = tmp_path / "run"
-    cfg = _cfg(2, steps, **{"tracking.checkpoint_every": 20, "optim.val_every": 30, "tracking.log_every": 5,
-                            "scaling.max_restarts": 2})
+    over = {"tracking.checkpoint_every": 10, "optim.val_every": 20, "tracking.log_every": 5,
+            "scaling.max_restarts": 2}
     killed: list[int] = []
     stop = threading.Event()
     raylet = ray_cluster.head_node.all_processes["raylet"][0].process.pid
 
-    def kill_after_first_checkpoint() -> None:
+    def kill_after_the_step_20_checkpoint() -> None:
         while not stop.is_set():
             if (run / "checkpoints" / "step_00000020.pt").exists():
                 for pid in _train_worker_pids(raylet)[-1:]:
@@ -95,18 +82,21 @@ def test_a_killed_replica_restarts_the_group_from_its_checkpoint_with_the_fault_
                 return
             time.sleep(0.05)
 
-    killer = threading.Thread(target=kill_after_first_checkpoint)
+    killer = threading.Thread(target=kill_after_the_step_20_checkpoint)
     killer.start()
     try:
-        summary = train(cfg, run, out=io.StringIO())
+        first = train(_cfg(2, 30, **over), run, out=io.StringIO())
     finally:
         stop.set()
         killer.join()
     assert killed, "no Ray Train worker was found to kill"
+    assert first.step == 30 and first.worker_faults >= 1, first
+    summary = train(_cfg(2, 40, **over), run, resume=True, out=io.StringIO())
     ck = load_checkpoint(summary.checkpoint)
-    assert ck.step == steps and summary.worker_faults >= 1, summary
+    assert ck.step == 40 and summary.tasks == 10 * META_BATCH, summary
     _assert_same(ck.params, reference)
-    assert [r["step"] for r in read_metrics(run)] == list(range(1, steps + 1))  # retrained steps recorded once
+    assert summary.final_val == pytest.approx(val, rel=1e-9)  # the validation tasks split across replicas
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 41))  # retrained steps recorded once
 
 
 def test_collective_needs_workers_and_a_share_for_each():
