@@ -199,7 +199,7 @@ class Bench:
                 continue
             ov = [*overrides, *row.eval_overrides, *row.column_overrides.get(column, ())]
             what = ["--lake"] if column == LAKE else ["--episodes", str(self.args.episodes)]
-            cmd = [*self.cli, "eval", m["run_dir"], *what, *ov]
+            cmd = [*self.cli, "eval", m["run_dir"], *ov, *what]  # --lake last: it takes an optional path
             tag = f"eval-{row.key}-{i}"
             out, wall = self._cached(Path(m["run_dir"]) / f"{tag}.done.json", cmd, Path(m["run_dir"]) / f"{tag}.log")
             cell = lake_cell(out) if column == LAKE else acc_cell(out)
