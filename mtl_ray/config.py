@@ -162,6 +162,9 @@ class OptimConfig:
     val_every: int = 100  # meta-validate every N steps; 0 disables
     val_tasks: int = 64  # fixed val-split tasks per meta-validation
     max_minutes: float = 0.0  # wall-clock budget of one invocation; stops early (validated, checkpointed); 0: none
+    # hard tasks per step (MTL's hard-task meta-batch, Sun et al. 2019): episodes re-sampled from the classes the
+    # step's tasks got most wrong, then one more outer step on them; 0: off (docs/architecture.md, "Hard tasks")
+    hard_tasks: int = 0
 
 
 @dataclass(frozen=True)
@@ -579,6 +582,9 @@ def check_static(cfg: Config) -> list[str]:
     _positive(p, "optim.val_every", o.val_every, allow_zero=True)
     _positive(p, "optim.max_minutes", o.max_minutes, allow_zero=True)
     _positive(p, "optim.val_tasks", o.val_tasks)
+    if o.hard_tasks < 0:
+        p.append(f"optim.hard_tasks: got {o.hard_tasks}, expected a whole number >= 0 of hard tasks per step (0: off); "
+                 "e.g. optim.hard_tasks=2, or 0 to train without them")
     _positive(p, "scaling.num_workers", s.num_workers, allow_zero=True)
     _positive(p, "scaling.cpus_per_worker", s.cpus_per_worker, allow_zero=True)
     _positive(p, "scaling.gpus_per_worker", s.gpus_per_worker, allow_zero=True)
