@@ -66,6 +66,13 @@ def component_problems(cfg: Config) -> list[str]:
     if a.finetune_steps > 0 and regression:
         p.append(f"algorithm.finetune_steps: got {a.finetune_steps} with data.source={d.source} (regression), expected "
                  "0: test-time fine-tuning starts a head from class prototypes (classification only); set it to 0")
+    if cfg.optim.hard_tasks > 0 and source is not None and not source.samples_classes:
+        sampling = [n for n, spec in SOURCES.items() if spec.samples_classes]
+        why = ("regression tasks have no classes" if regression else
+               f"{d.source}'s episodes cannot be sampled over given classes")
+        p.append(f"optim.hard_tasks: got {cfg.optim.hard_tasks} with data.source={d.source}, expected 0: hard tasks "
+                 f"are re-sampled from each task's failure class (its lowest query accuracy) and {why}; set "
+                 f"optim.hard_tasks=0, or use a source that samples classes ({', '.join(sampling)})")
     if a.finetune_augment and source is not None and not source.images:
         p.append(f"algorithm.finetune_augment: got true with data.source={d.source}, expected false: it augments "
                  "images (crop, flip, colour jitter); set algorithm.finetune_augment=false")

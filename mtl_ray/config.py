@@ -166,6 +166,9 @@ class OptimConfig:
     val_every: int = 100  # meta-validate every N steps; 0 disables
     val_tasks: int = 64  # fixed val-split tasks per meta-validation
     max_minutes: float = 0.0  # wall-clock budget of one invocation; stops early (validated, checkpointed); 0: none
+    # hard tasks per step (MTL's hard-task meta-batch, Sun et al. 2019): episodes re-sampled from the classes the
+    # step's tasks got most wrong, then one more outer step on them; 0: off (docs/architecture.md, "Hard tasks")
+    hard_tasks: int = 0
 
 
 @dataclass(frozen=True)
@@ -599,6 +602,9 @@ def check_static(cfg: Config) -> list[str]:
     _positive(p, "optim.val_every", o.val_every, allow_zero=True)
     _positive(p, "optim.max_minutes", o.max_minutes, allow_zero=True)
     _positive(p, "optim.val_tasks", o.val_tasks)
+    if o.hard_tasks < 0:
+        p.append(f"optim.hard_tasks: got {o.hard_tasks}, expected a whole number >= 0 of hard tasks per step (0: off); "
+                 "e.g. optim.hard_tasks=2, or 0 to train without them")
     _positive(p, "scaling.num_workers", s.num_workers, allow_zero=True)
     _positive(p, "scaling.cpus_per_worker", s.cpus_per_worker, allow_zero=True)
     _positive(p, "scaling.gpus_per_worker", s.gpus_per_worker, allow_zero=True)
@@ -614,6 +620,10 @@ def check_static(cfg: Config) -> list[str]:
         p.append(f"optim.meta_batch_size: got {o.meta_batch_size} with scaling.reduce=collective on "
                  f"{s.num_workers} workers, expected >= {s.num_workers} (every replica computes a share of each "
                  "meta-batch); raise optim.meta_batch_size or lower scaling.num_workers")
+    if s.reduce == REDUCE_COLLECTIVE and o.hard_tasks > 0:
+        p.append(f"optim.hard_tasks: got {o.hard_tasks} with scaling.reduce=collective, expected 0: the replicas do "
+                 "not exchange the failure classes hard tasks are drawn from; set optim.hard_tasks=0, or "
+                 "scaling.reduce=flat (or node) to train with hard tasks")
     _positive(p, "pretrain.num_workers", pt.num_workers)
     _positive(p, "pretrain.steps", pt.steps)
     _positive(p, "pretrain.batch_size", pt.batch_size)

@@ -7,6 +7,11 @@ META_TRAIN_SKIPPED_STEPS = "meta_train/skipped_steps"
 META_TRAIN_OVERHEAD = "meta_train/overhead"  # fraction of a step outside the slowest shard's compute
 META_TRAIN_WORKER_FAULTS = "meta_train/worker_faults"  # shards re-run because their worker died
 META_TRAIN_GRAD_NORM = "meta_train/grad_norm"
+# optim.hard_tasks > 0: the step's additional meta-step on hard tasks (Sun et al. 2019 Sec. 4.2), its tasks' means
+META_TRAIN_HARD_LOSS = "meta_train/hard_loss"
+META_TRAIN_HARD_ACC = "meta_train/hard_acc"
+META_TRAIN_HARD_GRAD_NORM = "meta_train/hard_grad_norm"
+META_TRAIN_HARD_CLASSES = "meta_train/hard_classes"  # distinct failure classes of the step's tasks (before top-up)
 META_VAL_LOSS = "meta_val/loss"
 META_VAL_ACC = "meta_val/acc"
 META_TEST_LOSS = "meta_test/loss"

@@ -9,6 +9,11 @@ step counts); all state lives in a flat parameter dict ``Params``. Its methods a
   the *sum* over the batch's tasks of each task's meta-gradient, the task count and metric sums.
 * ``evaluate(params, batch, steps) -> {metric: [T]}``       adapt on support, score on query.
 
+``meta_gradient(params, batch, per_class=True)`` (classification) also returns each task's per-class query accuracy
+and mean true-class probability (``ShardResult.per_class``, ``[T, N]``, :func:`class_metrics`), from the same
+vmapped query logits the meta-gradient differentiates; :func:`rank_classes` orders each task's classes worst first
+(what ``optim.hard_tasks`` needs: its failure class, Sun et al. 2019 Sec. 4.2).
+
 Normalisation (``norm``, docs/architecture.md "Normalisation"): with ``"support"`` (the default) every
 forward pass over query examples carries the task's support set in front of them and normalises with
 the support rows' statistics only (:meth:`FunctionalAlgorithm.forward`), so ``adapt`` keeps the support
@@ -25,7 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -73,6 +78,10 @@ class CompileMismatchError(RuntimeError):
 # Metric keys inside a ShardResult / evaluate() result: sums over tasks (divide by num_tasks).
 LOSS = "loss"
 ACC = "acc"
+# Per-class keys (``meta_gradient(..., per_class=True)``, ``ShardResult.per_class``): ``[T, N]``, one row per task
+CLASS_ACC = "class_acc"  # share of the class's query examples predicted as that class (argmax of the outputs)
+CLASS_PROB = "class_prob"  # mean softmax probability of the true class over the class's query examples
+PER_CLASS = (CLASS_ACC, CLASS_PROB)
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,11 @@ class ShardResult:
     num_tasks: int
     metrics: dict[str, float] = field(default_factory=dict)  # sums over tasks
     seconds: float = 0.0  # wall time the worker spent sampling and computing this shard
+    # meta_gradient(..., per_class=True): {CLASS_ACC, CLASS_PROB: [T, N]} of the batch's tasks, in batch order
+    per_class: dict[str, torch.Tensor] = field(default_factory=dict)
+    # optim.hard_tasks: task index -> its classes (global ids) ranked worst query accuracy first, set by the worker
+    # from per_class (which it drops); empty otherwise
+    failures: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 class MetaAlgorithm(Protocol):
@@ -95,7 +109,7 @@ class MetaAlgorithm(Protocol):
 
     def predict(self, params: Params, state: State, query_x: torch.Tensor) -> torch.Tensor: ...
 
-    def meta_gradient(self, params: Params, batch: TaskBatch) -> ShardResult: ...
+    def meta_gradient(self, params: Params, batch: TaskBatch, per_class: bool = False) -> ShardResult: ...
 
     def evaluate(self, params: Params, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]: ...
 
@@ -112,6 +126,35 @@ def task_metrics(kind: TaskKind, out: torch.Tensor, y: torch.Tensor, loss: torch
     if kind == "classification":
         metrics[ACC] = (out.detach().argmax(-1) == y).to(out.dtype).mean()
     return metrics
+
+
+def class_metrics(out: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-class query scores of one task: outputs ``out [Q, N]`` (logits, or any per-class scores whose argmax is the
+    prediction) against labels ``y [Q]`` -> ``{CLASS_ACC: [N], CLASS_PROB: [N]}``.
+
+    ``CLASS_ACC[n]``: the share of class ``n``'s queries whose argmax is ``n``; ``CLASS_PROB[n]``: the mean over them of
+    ``softmax(out)[y]`` (the tie-break of :func:`rank_classes`). A class without queries scores 0 on both. Detached,
+    in at least float32 (bf16 autocast outputs are promoted); vmap-safe (comparisons, no indexing by data).
+    """
+    out = out.detach()
+    out = out.to(torch.promote_types(out.dtype, torch.float32))
+    onehot = (y.unsqueeze(-1) == torch.arange(out.shape[-1], device=y.device)).to(out.dtype)  # [Q, N]
+    count = onehot.sum(0).clamp_min(1.0)
+    correct = (out.argmax(-1) == y).to(out.dtype)  # [Q]
+    p_true = (out.softmax(-1) * onehot).sum(-1)  # [Q]
+    return {CLASS_ACC: (onehot * correct.unsqueeze(-1)).sum(0) / count,
+            CLASS_PROB: (onehot * p_true.unsqueeze(-1)).sum(0) / count}
+
+
+def rank_classes(class_acc: torch.Tensor, class_prob: torch.Tensor) -> torch.Tensor:
+    """Each task's labels ordered worst first: ``[T, N]`` accuracies and probabilities -> ``[T, N]`` int64 labels.
+
+    Lowest query accuracy first; equal accuracies by lowest mean true-class probability; equal both by lowest label
+    (stable sorts, vectorised over tasks). Column 0 is each task's failure class (Sun et al. 2019 Sec. 4.2).
+    """
+    by_prob = torch.sort(class_prob, dim=-1, stable=True).indices  # ties: lower label first
+    by_acc = torch.sort(class_acc.gather(-1, by_prob), dim=-1, stable=True).indices
+    return by_prob.gather(-1, by_acc)
 
 
 def compile_difference(got: Params, want: Params) -> tuple[float, str]:
@@ -156,6 +199,19 @@ def add_into(total: Params | None, part: Mapping[str, torch.Tensor]) -> Params:
     for k, v in part.items():
         total[k] += v
     return total
+
+
+def split_per_class(metrics: Metrics) -> tuple[Metrics, Metrics]:
+    """``(the per-task metrics, the per-class ones)`` of a vmapped chunk's metrics (:data:`PER_CLASS` keys)."""
+    return ({k: v for k, v in metrics.items() if k not in PER_CLASS},
+            {k: v.detach() for k, v in metrics.items() if k in PER_CLASS})
+
+
+def cat_rows(rows: Sequence[Metrics]) -> dict[str, torch.Tensor]:
+    """Chunks' per-class metrics ``[t_c, N]`` -> ``[T, N]`` on the CPU, in chunk order (empty without any)."""
+    if not rows or not rows[0]:
+        return {}
+    return {k: torch.cat([r[k] for r in rows]).cpu() for k in rows[0]}
 
 
 def _accumulate(sums: dict[str, float], metrics: Mapping[str, torch.Tensor]) -> None:
@@ -209,8 +265,8 @@ class FunctionalAlgorithm:
         # ShardWorker, from mtl_ray.memory); None: chunks() sizes them from the input elements
         self.chunk_limit: ChunkLimit | None = None
         self.compile = bool(compile)
-        self._eager: ChunkGrad | None = None
-        self._compiled: ChunkGrad | None = None
+        # per_class flag -> (eager, compiled or None) chunk meta-gradient: built on first use
+        self._grad_fns: dict[bool, tuple[ChunkGrad, ChunkGrad | None]] = {}
         self._verified: set[tuple] = set()  # input shapes whose compiled meta-gradient matched the eager one
 
     @classmethod
@@ -289,19 +345,28 @@ class FunctionalAlgorithm:
         raise NotImplementedError
 
     def task_objective(self, params: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
-                       qy: torch.Tensor, steps: int) -> tuple[torch.Tensor, Metrics]:
+                       qy: torch.Tensor, steps: int, per_class: bool = False) -> tuple[torch.Tensor, Metrics]:
         out = self.predict(params, self.adapt(params, sx, sy, steps), qx)
         loss = self.loss(out, qy)
-        return loss, task_metrics(self.kind, out, qy, loss)
+        return loss, self.query_metrics(out, qy, loss, per_class)
+
+    def query_metrics(self, out: torch.Tensor, y: torch.Tensor, loss: torch.Tensor,
+                      per_class: bool = False) -> Metrics:
+        """One task's metrics on its queries; with ``per_class`` (classification) also :func:`class_metrics`."""
+        metrics = task_metrics(self.kind, out, y, loss)
+        if per_class and self.kind == "classification":
+            metrics.update(class_metrics(out, y))
+        return metrics
 
     # ---------------------------------------------------------------- batched entry points
-    def _eager_chunk_grad(self) -> ChunkGrad:
-        """``(params, fixed, sx, sy, qx, qy) -> (d sum of task losses / d params, metrics)`` for one chunk."""
+    def _eager_chunk_grad(self, per_class: bool = False) -> ChunkGrad:
+        """``(params, fixed, sx, sy, qx, qy) -> (d sum of task losses / d params, metrics)`` for one chunk (with
+        ``per_class``, the metrics include :func:`class_metrics` ``[T, N]``: outputs only, the gradient is the same)."""
         steps = self.inner_steps
 
         def objective(p: Params, sx: torch.Tensor, sy: torch.Tensor, qx: torch.Tensor,
                       qy: torch.Tensor) -> tuple[torch.Tensor, Metrics]:
-            return self.task_objective(p, sx, sy, qx, qy, steps)
+            return self.task_objective(p, sx, sy, qx, qy, steps, per_class)
 
         per_task = vmap(objective, in_dims=(None, 0, 0, 0, 0))
 
@@ -314,7 +379,8 @@ class FunctionalAlgorithm:
 
         return grad(chunk_loss, has_aux=True)
 
-    def chunk_grad(self, params: Params, fixed: Params, *task: torch.Tensor) -> tuple[Params, Metrics]:
+    def chunk_grad(self, params: Params, fixed: Params, *task: torch.Tensor,
+                   per_class: bool = False) -> tuple[Params, Metrics]:
         """One chunk's summed meta-gradient; with ``compile`` through ``torch.compile`` (TorchInductor).
 
         Compiling removes the per-op dispatch that dominates small models (the sinusoid MLP). It does not
@@ -323,20 +389,23 @@ class FunctionalAlgorithm:
         So the first call for each input shape is checked against eager float64 (:meth:`_check_compiled`)
         and a compiled gradient less accurate than eager float32 is an error, never a silent update.
         """
-        if self._eager is None:
-            self._eager = self._eager_chunk_grad()
-            self._compiled = torch.compile(self._eager, dynamic=False) if self.compile else None
-        if self._compiled is None:
-            return self._eager(params, fixed, *task)
-        out = self._compiled(params, fixed, *task)
-        key = tuple(tuple(t.shape) for t in task)
+        fns = self._grad_fns.get(per_class)
+        if fns is None:
+            eager_fn = self._eager_chunk_grad(per_class)
+            fns = self._grad_fns[per_class] = (eager_fn, torch.compile(eager_fn, dynamic=False) if self.compile
+                                               else None)
+        eager, compiled = fns
+        if compiled is None:
+            return eager(params, fixed, *task)
+        out = compiled(params, fixed, *task)
+        key = tuple(tuple(t.shape) for t in task) + (("per_class",) if per_class else ())
         if key not in self._verified:
-            self._check_compiled(out[0], params, fixed, task, key)
+            self._check_compiled(eager, out[0], params, fixed, task, key)
             self._verified.add(key)
         return out
 
-    def _check_compiled(self, got: Params, params: Params, fixed: Params, task: tuple[torch.Tensor, ...],
-                        key: tuple) -> None:
+    def _check_compiled(self, eager: ChunkGrad, got: Params, params: Params, fixed: Params,
+                        task: tuple[torch.Tensor, ...], key: tuple) -> None:
         """Raise :class:`CompileMismatchError` unless ``got`` is as close to float64 as the eager meta-gradient.
 
         The reference is the eager meta-gradient in float64 (once per task shape; it needs about twice the
@@ -346,8 +415,6 @@ class FunctionalAlgorithm:
         def f64(p: Params) -> Params:
             return {k: v.double() for k, v in p.items()}
 
-        eager = self._eager
-        assert eager is not None, "chunk_grad builds the eager function before it compiles it"
         batch64 = TaskBatch(*task).to(task[0].device, torch.float64)  # labels stay integer
         ref = eager(f64(params), f64(fixed), batch64.support_x, batch64.support_y, batch64.query_x,
                     batch64.query_y)[0]
@@ -361,23 +428,31 @@ class FunctionalAlgorithm:
                 f"(max of {COMPILE_RTOL:g} and {COMPILE_SLACK:g} x the float32 eager one's {eager_err:.3g}); "
                 "torch.compile computes this model differently: set algorithm.compile=false")
 
-    def meta_gradient(self, params: Params, batch: TaskBatch) -> ShardResult:
+    def meta_gradient(self, params: Params, batch: TaskBatch, per_class: bool = False) -> ShardResult:
         """Sum over tasks of ``d loss_query(adapt(params, support)) / d params`` (vectorised).
 
-        Frozen entries (:meth:`is_frozen`) are inputs, not variables: they get no gradient.
+        Frozen entries (:meth:`is_frozen`) are inputs, not variables: they get no gradient. ``per_class``
+        (classification): also each task's :func:`class_metrics` in ``ShardResult.per_class`` (``[T, N]``).
         """
         fixed = {k: v for k, v in params.items() if self.is_frozen(k)}
         params = {k: v for k, v in params.items() if k not in fixed}
         total: Params | None = None
         sums: dict[str, float] = {}
+        rows: list[Metrics] = []
         for start, stop in self.chunks(batch, True, self.inner_steps):
             part = batch.slice(start, stop)
-            grads, metrics = self.chunk_grad(params, fixed, part.support_x, part.support_y, part.query_x,
-                                             part.query_y)
+            if per_class:
+                grads, metrics = self.chunk_grad(params, fixed, part.support_x, part.support_y, part.query_x,
+                                                 part.query_y, per_class=True)
+                metrics, per = split_per_class(metrics)
+                rows.append(per)
+            else:
+                grads, metrics = self.chunk_grad(params, fixed, part.support_x, part.support_y, part.query_x,
+                                                 part.query_y)
             total = add_into(total, grads)
             _accumulate(sums, metrics)
         assert total is not None, "meta_gradient needs at least one task"
-        return ShardResult(grads=total, num_tasks=batch.num_tasks, metrics=sums)
+        return ShardResult(grads=total, num_tasks=batch.num_tasks, metrics=sums, per_class=cat_rows(rows))
 
     def evaluate(self, params: Params, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
         """Per-task metrics ``{name: [T]}`` after adapting each task on its support set for ``steps`` steps."""

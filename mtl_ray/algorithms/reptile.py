@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.func import vmap
 
-from mtl_ray.algorithms.base import Metrics, Params, ShardResult, _accumulate, add_into, task_metrics
+from mtl_ray.algorithms.base import Metrics, Params, ShardResult, _accumulate, add_into, cat_rows, split_per_class
 from mtl_ray.algorithms.gradient import MAML
 from mtl_ray.data.base import TaskBatch
 
@@ -23,7 +23,9 @@ class Reptile(MAML):
     compilable = False  # its update is not a meta-gradient: nothing for algorithm.compile to compile
     outer_backward = False  # no backward through the tasks: a chunk holds less (mtl_ray.memory)
 
-    def meta_gradient(self, params: Params, batch: TaskBatch) -> ShardResult:
+    def meta_gradient(self, params: Params, batch: TaskBatch, per_class: bool = False) -> ShardResult:
+        """``per_class``: also each task's per-class query scores (:func:`~mtl_ray.algorithms.base.class_metrics`)
+        of the adapted weights, as for every learner."""
         params = {k: v.detach() for k, v in params.items()}
         steps = self.inner_steps
 
@@ -32,16 +34,19 @@ class Reptile(MAML):
             phi = self.adapt(p, sx, sy, steps)
             out = self.predict(p, phi, qx)
             delta = {k: p[k] - v for k, v in self.weights(phi).items()}
-            return delta, task_metrics(self.kind, out, qy, self.loss(out, qy))
+            return delta, self.query_metrics(out, qy, self.loss(out, qy), per_class)
 
         batched = vmap(per_task, in_dims=(None, 0, 0, 0, 0))
         total: Params | None = None
         sums: dict[str, float] = {}
+        rows: list[Metrics] = []
         with torch.no_grad():
             for start, stop in self.chunks(batch, True, steps):
                 part = batch.slice(start, stop)
                 delta, metrics = batched(params, part.support_x, part.support_y, part.query_x, part.query_y)
                 total = add_into(total, {k: d.sum(0) for k, d in delta.items()})
+                metrics, per = split_per_class(metrics)
+                rows.append(per)
                 _accumulate(sums, metrics)
         assert total is not None, "meta_gradient needs at least one task"
-        return ShardResult(grads=total, num_tasks=batch.num_tasks, metrics=sums)
+        return ShardResult(grads=total, num_tasks=batch.num_tasks, metrics=sums, per_class=cat_rows(rows))

@@ -115,11 +115,20 @@ class ClassPool:
     def min_examples(self) -> int:
         return min((len(x) for x in self.images), default=0)
 
-    def episode(self, rng: np.random.Generator, ways: int, shots: int, queries: int) -> tuple[np.ndarray, ...]:
-        """One N-way episode: (support_x [N*K,C,H,W] uint8, support_y [N*K], query_x, query_y)."""
-        classes = rng.choice(self.num_classes, size=ways, replace=False)
+    def draw_classes(self, rng: np.random.Generator, ways: int) -> np.ndarray:
+        """An episode's classes ``[N]`` (class ``classes[j]`` is its label ``j``): the first thing it draws."""
+        return rng.choice(self.num_classes, size=ways, replace=False)
+
+    def episode(self, rng: np.random.Generator, ways: int, shots: int, queries: int,
+                classes: Sequence[int] | None = None) -> tuple[np.ndarray, ...]:
+        """One N-way episode: (support_x [N*K,C,H,W] uint8, support_y [N*K], query_x, query_y).
+
+        ``classes``: the episode's classes, label ``j`` being ``classes[j]`` (``ways`` of them, distinct), instead
+        of drawing them (:meth:`draw_classes`); the examples are then the first draws of ``rng``.
+        """
+        picked = self.draw_classes(rng, ways) if classes is None else classes
         sx, sy, qx, qy = [], [], [], []
-        for label, cls in enumerate(classes):
+        for label, cls in enumerate(picked):
             base, rot = divmod(int(cls), self.rotations)
             pool = self.images[base]
             pick = rng.choice(len(pool), size=shots + queries, replace=False)
@@ -182,6 +191,39 @@ class PoolTaskSource:
         pool = self.pools[split]
         parts = [pool.episode(task_rng(self.seed, split, step, int(i)), self.ways, self.shots, self.queries)
                  for i in indices]
+        return self._batch(parts, split, step, indices, augment)
+
+    def task_classes(self, split: str, step: int, indices: Sequence[int]) -> list[tuple[int, ...]]:
+        """The classes of tasks ``(seed, split, step, i)`` as :meth:`sample` draws them: ``out[k][j]`` is the class
+        (its index in the split's :class:`ClassPool`, rotations included) of task ``indices[k]``'s label ``j``."""
+        pool = self.pools[split]
+        return [tuple(int(c) for c in pool.draw_classes(task_rng(self.seed, split, step, int(i)), self.ways))
+                for i in indices]
+
+    def sample_classes(self, split: str, step: int, indices: Sequence[int], classes: Sequence[Sequence[int]], *,
+                       augment: bool = False) -> TaskBatch:
+        """Tasks at coordinates ``(seed, split, step, i)`` for ``i`` in ``indices`` over the classes given, not drawn:
+        task ``indices[k]``'s label ``j`` is class ``classes[k][j]`` of the split (``data.ways`` distinct classes
+        each; as :meth:`task_classes` numbers them). Its support and query examples (and, with ``augment``, its
+        augmentation) come from its coordinates as :meth:`sample`'s do, so a task is the same alone, in any batch
+        and on any worker (what optim.hard_tasks samples, mtl_ray/data/hard_tasks.py)."""
+        pool = self.pools[split]
+        if len(classes) != len(indices):
+            raise ValueError(f"sample_classes: got {len(classes)} class lists for {len(indices)} tasks, expected one "
+                             "per task")
+        for cls in classes:
+            if len(cls) != self.ways or len(set(cls)) != self.ways or not all(
+                    0 <= int(c) < pool.num_classes for c in cls):
+                raise ValueError(f"sample_classes: got classes {list(cls)}, expected {self.ways} distinct classes of "
+                                 f"split {split!r} (0 .. {pool.num_classes - 1})")
+        parts = [pool.episode(task_rng(self.seed, split, step, int(i)), self.ways, self.shots, self.queries,
+                              [int(c) for c in cls]) for i, cls in zip(indices, classes, strict=True)]
+        return self._batch(parts, split, step, indices, augment)
+
+    def _batch(self, parts: Sequence[tuple[np.ndarray, ...]], split: str, step: int, indices: Sequence[int],
+               augment: bool) -> TaskBatch:
+        """Episodes (uint8, as :meth:`ClassPool.episode` gives them) -> a :class:`TaskBatch`: made float on
+        :attr:`device`, support sets augmented when asked, then normalised."""
         sx, sy, qx, qy = (np.stack([p[k] for p in parts]) for k in range(4))
         support, query = self._floats(sx), self._floats(qx)
         if augment and self.augment is not None:
@@ -240,6 +282,16 @@ class AugmentingSource(Protocol):
     def sample(self, split: str, step: int, indices: Sequence[int], *, augment: bool = False) -> TaskBatch: ...
 
 
+class ClassSampling(Protocol):
+    """A task source that names its tasks' classes and samples tasks over classes it is given: a
+    :class:`PoolTaskSource` (what ``optim.hard_tasks`` needs: :meth:`SourceSpec.samples_classes`)."""
+
+    def task_classes(self, split: str, step: int, indices: Sequence[int]) -> list[tuple[int, ...]]: ...
+
+    def sample_classes(self, split: str, step: int, indices: Sequence[int], classes: Sequence[Sequence[int]], *,
+                       augment: bool = False) -> TaskBatch: ...
+
+
 class Augmenter(Protocol):
     """What :class:`PoolTaskSource` needs of an augmentation (:class:`mtl_ray.data.augment.Augment`)."""
 
@@ -277,3 +329,9 @@ class SourceSpec:
     # The per-channel (mean, std) the source's data records (a Parquet table's mtl_ray.channel_mean/std), read
     # without loading images; ((), ()) when it records none. A run records what it uses (data.channel_mean/std).
     channel_stats: Callable[[Config], tuple[tuple[float, ...], tuple[float, ...]]] = no_stats
+
+    @property
+    def samples_classes(self) -> bool:
+        """Whether its tasks are :class:`PoolTaskSource` episodes (a ``load`` and no ``build``), whose classes it
+        names and which it samples over given classes (:class:`ClassSampling`: what ``optim.hard_tasks`` needs)."""
+        return self.load is not None and self.build is None

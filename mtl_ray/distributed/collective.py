@@ -71,8 +71,11 @@ class CollectiveExecutor:
         parts = shard([i for s in shards for i in s], self.world)
         return parts[self.rank] if self.rank < len(parts) else []
 
-    def meta_gradients(self, params: Params, step: int, shards: Sequence[Sequence[int]]) -> list[ShardResult]:
+    def meta_gradients(self, params: Params, step: int, shards: Sequence[Sequence[int]],
+                       classes: Sequence[Sequence[int]] | None = None) -> list[ShardResult]:
         """``[one ShardResult]``: the whole meta-batch's gradient and metric sums, on every replica."""
+        if classes is not None:  # the config check refuses optim.hard_tasks here: no failure classes are exchanged
+            raise ValueError("hard tasks are not supported with scaling.reduce=collective")
         t0 = time.perf_counter()
         mine = self._mine(shards)
         local = self.worker.meta_gradient(params, step, mine)

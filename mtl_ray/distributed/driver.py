@@ -2,7 +2,8 @@
 
 One step: sample task indices -> shard them -> workers compute task meta-gradients on the current
 (broadcast) weights -> reduce to the task-weighted mean -> outer optimiser step -> metrics. A
-non-finite meta-gradient skips the step (counted, reported) and never touches the weights.
+non-finite meta-gradient skips the step (counted, reported) and never touches the weights. With
+``optim.hard_tasks`` the step then takes one more outer step on hard tasks (:meth:`MetaTrainer.hard_task_step`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Protocol
 import torch
 
 from mtl_ray import metrics as M
-from mtl_ray.algorithms import Params, ShardResult, TaskShape, build_learner, initial_meta_params
+from mtl_ray.algorithms import ACC, LOSS, Params, ShardResult, TaskShape, build_learner, initial_meta_params
 from mtl_ray.checkpoint import (
     META_STAGE,
     Checkpoint,
@@ -30,6 +31,7 @@ from mtl_ray.checkpoint import (
     set_aside,
 )
 from mtl_ray.config import Config
+from mtl_ray.data.hard_tasks import hard_task_classes
 from mtl_ray.distributed.evaluate import evaluate_tasks
 from mtl_ray.distributed.executor import Executor, build_executor, shard
 
@@ -81,6 +83,17 @@ def grad_norm(grads: Params) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
+def failure_rankings(results: Sequence[ShardResult], num_tasks: int) -> list[tuple[int, ...]]:
+    """Every task's classes ranked worst first (``ShardResult.failures``), in task-index order ``0 .. num_tasks-1``:
+    the same whatever the shards, their order or how a node merged them."""
+    merged = {i: f for r in results for i, f in r.failures.items()}
+    missing = [i for i in range(num_tasks) if i not in merged]
+    if missing:
+        raise RuntimeError(f"hard tasks: no failure classes came back for tasks {missing} of {num_tasks}; expected "
+                           "every worker to rank its tasks' classes (optim.hard_tasks > 0)")
+    return [merged[i] for i in range(num_tasks)]
+
+
 def build_optimizer(cfg: Config, params: Iterable[torch.Tensor]) -> torch.optim.Optimizer:
     o = cfg.optim
     if o.optimizer == "adam":
@@ -106,6 +119,7 @@ class MetaTrainer:
         self.callbacks = list(callbacks)
         self.last_val: dict[str, float] = {}
         self.last_checkpoint: str | None = None
+        self.last_hard_classes: list[tuple[int, ...]] = []  # the last step's hard tasks' classes (optim.hard_tasks)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -140,17 +154,44 @@ class MetaTrainer:
         results = self.executor.meta_gradients(self.params, self.step, shards)  # broadcast + inner loops
         grads, num_tasks, sums = reduce_results(results)
         grad_norm = self.outer_step(grads)
+        hard, hard_s = self.hard_task_step(results) if self.cfg.optim.hard_tasks else ({}, 0.0)
         self.step += 1
-        self.tasks_seen += num_tasks
+        self.tasks_seen += num_tasks + self.cfg.optim.hard_tasks
         step_s = max(time.perf_counter() - t0, 1e-9)
         out = M.prefixed("meta_train", sums, num_tasks)
+        out.update(hard)
+        num_tasks += self.cfg.optim.hard_tasks  # tasks_per_s counts every task the step trained on
         # Broadcast, gather, reduce and the optimiser step, as a share of the step (0 when compute-bound).
-        out[M.META_TRAIN_OVERHEAD] = max(0.0, 1.0 - max(r.seconds for r in results) / step_s)
+        out[M.META_TRAIN_OVERHEAD] = max(0.0, 1.0 - (max(r.seconds for r in results) + hard_s) / step_s)
         out[M.META_TRAIN_GRAD_NORM] = grad_norm
         out[M.META_TRAIN_SKIPPED_STEPS] = float(self.skipped_steps)
         out[M.META_TRAIN_WORKER_FAULTS] = float(self.executor.faults)
         out[M.META_TRAIN_TASKS_PER_S] = num_tasks / step_s
         return out
+
+    def hard_task_step(self, results: Sequence[ShardResult]) -> tuple[dict[str, float], float]:
+        """MTL's hard-task meta-batch (Sun et al., CVPR 2019, Sec. 4.2), after the step's ordinary update.
+
+        The step's results carry each task's classes ranked worst query accuracy first (its failure class first);
+        taken in task-index order, they give ``optim.hard_tasks`` hard tasks over the failure classes
+        (mtl_ray/data/hard_tasks.py: distinct failure classes, topped up with next-worst ones when fewer than
+        ``data.ways``; hard task ``h``'s classes and examples a pure function of (seed, "train", step, h, those
+        classes)). Their mean meta-gradient, at the weights the ordinary update gave, is an additional outer step
+        (the paper's "additional update", not a term of the ordinary one); a non-finite one is skipped and counted
+        like any step. Everything comes from this step: resume needs no state of it. Returns its metrics and the
+        slowest hard shard's seconds.
+        """
+        o, step = self.cfg.optim, self.step
+        ranked = failure_rankings(results, o.meta_batch_size)
+        classes = hard_task_classes(self.cfg.seed, "train", step, ranked, o.hard_tasks, self.cfg.data.ways)
+        self.last_hard_classes = classes
+        shards = shard(range(o.hard_tasks), self.executor.num_shards)
+        hard = self.executor.meta_gradients(self.params, step, shards, classes=classes)
+        grads, n, sums = reduce_results(hard)
+        out = {M.META_TRAIN_HARD_LOSS: sums[LOSS] / n, M.META_TRAIN_HARD_ACC: sums[ACC] / n,
+               M.META_TRAIN_HARD_GRAD_NORM: self.outer_step(grads),
+               M.META_TRAIN_HARD_CLASSES: float(len({r[0] for r in ranked}))}
+        return out, max(r.seconds for r in hard)
 
     def outer_step(self, grads: Params) -> float:
         """Apply the mean meta-gradient; skip (and count) the step when it is not finite."""

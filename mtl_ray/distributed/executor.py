@@ -17,7 +17,11 @@ class Executor(Protocol):
     num_shards: int
     faults: int  # shards re-run because their worker died (always 0 in-process)
 
-    def meta_gradients(self, params: Params, step: int, shards: Sequence[Sequence[int]]) -> list[ShardResult]: ...
+    def meta_gradients(self, params: Params, step: int, shards: Sequence[Sequence[int]],
+                       classes: Sequence[Sequence[int]] | None = None) -> list[ShardResult]:
+        """The shards' results; with ``classes`` the shards hold hard-task indices ``h`` and hard task ``h`` is over
+        ``classes[h]`` (``ShardWorker.hard_meta_gradient``)."""
+        ...
 
     def evaluate(self, params: Params, split: str, step: int, shards: Sequence[Sequence[int]],
                  inner_steps: int) -> list[dict[str, torch.Tensor]]: ...
@@ -40,7 +44,10 @@ class LocalExecutor:
     def __init__(self, cfg: Config):
         self.worker = ShardWorker(cfg, resolve_device(cfg.scaling.gpus_per_worker))
 
-    def meta_gradients(self, params: Params, step: int, shards: Sequence[Sequence[int]]) -> list[ShardResult]:
+    def meta_gradients(self, params: Params, step: int, shards: Sequence[Sequence[int]],
+                       classes: Sequence[Sequence[int]] | None = None) -> list[ShardResult]:
+        if classes is not None:
+            return [self.worker.hard_meta_gradient(params, step, s, [classes[h] for h in s]) for s in shards]
         return [self.worker.meta_gradient(params, step, s) for s in shards]
 
     def evaluate(self, params: Params, split: str, step: int, shards: Sequence[Sequence[int]],

@@ -57,14 +57,18 @@ class WorkerActor:
     def __init__(self, cfg_json: str, gpus: float):
         self.worker = ShardWorker(cfg_json, resolve_device(gpus))
 
-    def meta_gradient(self, params: dict[str, np.ndarray], step: int, indices: Sequence[int]) -> ShardResult:
+    def meta_gradient(self, params: dict[str, np.ndarray], step: int, indices: Sequence[int],
+                      classes: Sequence[Sequence[int]] | None = None) -> ShardResult:
+        """The shard's result; with ``classes`` (one per index) hard tasks (``ShardWorker.hard_meta_gradient``)."""
+        if classes is not None:
+            return self.worker.hard_meta_gradient(from_numpy(params), step, indices, classes)
         return self.worker.meta_gradient(from_numpy(params), step, indices)
 
-    def meta_gradient_parts(self, params: dict[str, np.ndarray], step: int,
-                            indices: Sequence[int]) -> tuple[ShardResult, Params]:
+    def meta_gradient_parts(self, params: dict[str, np.ndarray], step: int, indices: Sequence[int],
+                            classes: Sequence[Sequence[int]] | None = None) -> tuple[ShardResult, Params]:
         """:meth:`meta_gradient` as two objects (called with ``num_returns=2``): the result without its gradients,
         which the driver fetches, and the gradients, which stay in this node's object store for :func:`node_sum`."""
-        result = self.meta_gradient(params, step, indices)
+        result = self.meta_gradient(params, step, indices, classes)
         return dataclasses.replace(result, grads={}), result.grads
 
     def evaluate(self, params: dict[str, np.ndarray], split: str, step: int, indices: Sequence[int],
@@ -159,17 +163,22 @@ class RayExecutor:
         return ray.get([a.node_id.remote() for a in self.actors], timeout=self.timeout_s)
 
     # ------------------------------------------------------------------ the Executor protocol
-    def meta_gradients(self, params: Params, step: int, shards: Sequence[Sequence[int]]) -> list[ShardResult]:
+    def meta_gradients(self, params: Params, step: int, shards: Sequence[Sequence[int]],
+                       classes: Sequence[Sequence[int]] | None = None) -> list[ShardResult]:
         """Flat: every shard's result. Node: one result per node, the sum of its shards' (and flat results for
-        shards re-run after their node's sum was lost); the driver's task-weighted mean is the same either way."""
+        shards re-run after their node's sum was lost); the driver's task-weighted mean is the same either way.
+        ``classes``: the shards hold hard-task indices ``h``, each actor gets its shard's ``classes[h]``."""
         t0 = time.perf_counter()
         ref = ray.put(to_numpy(params))  # one broadcast per step: every actor reads the same object
         self.broadcast_s = time.perf_counter() - t0
+
+        def args(s: Sequence[int]) -> tuple:
+            return (ref, step, list(s)) if classes is None else (ref, step, list(s), [list(classes[h]) for h in s])
+
+        what = f"step {step}" if classes is None else f"step {step}'s hard tasks"
         if self.reduce != REDUCE_NODE:
-            return self._run(lambda a, s: a.meta_gradient.remote(ref, step, list(s)), shards, f"step {step}")
-        what = f"step {step}"
-        parts = self._run(lambda a, s: a.meta_gradient_parts.options(num_returns=2).remote(ref, step, list(s)),
-                          shards, what)
+            return self._run(lambda a, s: a.meta_gradient.remote(*args(s)), shards, what)
+        parts = self._run(lambda a, s: a.meta_gradient_parts.options(num_returns=2).remote(*args(s)), shards, what)
         by_node: dict[str, list[int]] = {}
         adder: dict[str, int] = {}  # node -> the slot that adds its shards: one that computed one of them
         for i, (_, _, node, slot) in enumerate(parts):
@@ -198,9 +207,10 @@ class RayExecutor:
                 for k, v in m.metrics.items():
                     metrics[k] = metrics.get(k, 0.0) + v
             out.append(ShardResult(grads=grads, num_tasks=sum(m.num_tasks for m in metas), metrics=metrics,
-                                   seconds=max(m.seconds for m in metas)))
+                                   seconds=max(m.seconds for m in metas),
+                                   failures={i: f for m in metas for i, f in m.failures.items()}))
         if lost:
-            out += self._run(lambda a, s: a.meta_gradient.remote(ref, step, list(s)), [shards[i] for i in lost], what)
+            out += self._run(lambda a, s: a.meta_gradient.remote(*args(s)), [shards[i] for i in lost], what)
         return out
 
     def evaluate(self, params: Params, split: str, step: int, shards: Sequence[Sequence[int]],

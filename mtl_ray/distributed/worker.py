@@ -16,10 +16,12 @@ from typing import cast
 import torch
 
 from mtl_ray.algorithms import Params, ShardResult, build_learner
+from mtl_ray.algorithms.base import CLASS_ACC, CLASS_PROB, rank_classes
 from mtl_ray.algorithms.finetune import finetune_seed
 from mtl_ray.components import from_dict
 from mtl_ray.config import Config
-from mtl_ray.data.base import AugmentingSource, PoolTaskSource, TaskBatch
+from mtl_ray.data.base import AugmentingSource, ClassSampling, PoolTaskSource, TaskBatch
+from mtl_ray.data.hard_tasks import hard_task_index
 from mtl_ray.memory import chunk_limit
 from mtl_ray.runtime import fp32_precision, tune_allocator
 
@@ -125,6 +127,32 @@ class ShardWorker:
         """Sum of meta-gradients of training tasks ``indices`` at ``step`` (grads returned on CPU)."""
         t0 = time.perf_counter()
         batch = self._train_batch(step, indices)
+        hard = self.cfg.optim.hard_tasks > 0  # then also each task's classes ranked worst first (hard_meta_gradient)
+        with self._numerics():
+            result = self.learner.algorithm.meta_gradient(self._params(params), batch, per_class=hard)
+        grads = {k: v.detach().cpu() for k, v in result.grads.items()}
+        return ShardResult(grads=grads, num_tasks=result.num_tasks, metrics=result.metrics,
+                           seconds=time.perf_counter() - t0,
+                           failures=self._failures(result, step, indices) if hard else {})
+
+    def _failures(self, result: ShardResult, step: int, indices: Sequence[int]) -> dict[int, tuple[int, ...]]:
+        """Task index -> its classes (the source's class ids) ranked worst query accuracy first, from the
+        meta-gradient's per-class scores (:func:`~mtl_ray.algorithms.base.rank_classes`)."""
+        ranks = rank_classes(result.per_class[CLASS_ACC], result.per_class[CLASS_PROB]).tolist()
+        self._settle()  # the task source is not shared with the prefetch thread
+        classes = cast(ClassSampling, self.learner.source).task_classes("train", step, indices)
+        return {int(i): tuple(cls[j] for j in rank) for i, cls, rank in zip(indices, classes, ranks, strict=True)}
+
+    def hard_meta_gradient(self, params: Params, step: int, indices: Sequence[int],
+                           classes: Sequence[Sequence[int]]) -> ShardResult:
+        """Sum of meta-gradients of the step's hard tasks ``indices`` (``optim.hard_tasks``): hard task ``h`` is an
+        episode over ``classes[k]`` (for ``h = indices[k]``) at coordinates ``(seed, "train", step,
+        hard_task_index(h))`` (mtl_ray/data/hard_tasks.py), support sets augmented as the step's other tasks'."""
+        t0 = time.perf_counter()
+        source = cast(ClassSampling, self.learner.source)  # optim.hard_tasks is refused for other sources
+        self._settle()  # the task source is not shared with the prefetch thread
+        batch = source.sample_classes("train", step, [hard_task_index(h) for h in indices], classes,
+                                      augment=bool(self.cfg.data.augment)).to(self.device, self.dtype)
         with self._numerics():
             result = self.learner.algorithm.meta_gradient(self._params(params), batch)
         grads = {k: v.detach().cpu() for k, v in result.grads.items()}
