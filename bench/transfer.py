@@ -10,10 +10,12 @@ rows (``--rows``, by key; :data:`ROWS`)
   probe_linear  pretrain-only, linear probe                 the pretraining run, ``pretrain.probe=linear``
   probe_cosine  pretrain-only, cosine probe                 the pretraining run, ``pretrain.probe=cosine``
   metasgd       pretrain + Meta-SGD (all weights)           jobs/configs/omniglot_metasgd_pretrained.yaml
-  mtl           pretrain + MTL (frozen body, scale/shift)   jobs/configs/omniglot_mtl.yaml
+  mtl           pretrain + MTL (frozen body, scale/shift, hard tasks) jobs/configs/omniglot_mtl.yaml
   meta_baseline Meta-Baseline from the pretrained body      omniglot_protonet.yaml, ``algorithm.name=meta_baseline``
   r2d2          R2-D2 from the pretrained body              omniglot_protonet.yaml, ``algorithm.name=r2d2``
   pmf           P>M>F: ProtoNet from the pretrained body + test-time fine-tuning (``algorithm.finetune_*``)
+  pmf_tuned     the pmf run deployed per target domain by ``mtl-ray deploy`` (jobs/configs/deploy_*.yaml: a Ray
+                Tune search of the fine-tuning values on the target's validation episodes), scored as deployed
 The pretraining run (jobs/configs/omniglot_pretrain.yaml with :func:`pretrain_overrides`: a cosine head and a
 warmed-up cosine schedule, then any ``--pretrain-override``) is trained once, when a selected row needs it.
 
@@ -27,8 +29,8 @@ Each accuracy cell is the mean ± 95% CI over ``--episodes`` fixed test episodes
 class); a Lake cell is the error rate ± its binomial 95% CI over the 200 trials. Head-based learners trained
 5-way (MAML, Meta-SGD, MTL) have no 20-output head for Lake's runs: their Lake cell is "n/a".
 
-Hooks: a row's ``train_overrides`` are extra training overrides (e.g. ``optim.hard_tasks=...`` for pretrain +
-MTL once that key exists: ``--row-override mtl=optim.hard_tasks=true``), its ``eval_overrides`` apply to every
+Hooks: a row's ``train_overrides`` are extra training overrides (pretrain + MTL's ``optim.hard_tasks=8``; more
+with ``--row-override ROW=KEY=VALUE``), its ``eval_overrides`` apply to every
 column and ``column_overrides`` per column (e.g. Tune-chosen fine-tuning values for P>M>F per target domain).
 
     python bench/transfer.py                                   # the table in docs/transfer.md (hours on 2 cores)
@@ -88,9 +90,13 @@ class Row:
     eval_overrides: tuple[str, ...] = ()  # every column
     column_overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per column, after eval_overrides
     head_based: bool = False  # a 5-output head: no cell for Lake's 20-way runs
+    trained_as: str = ""  # another row's key: score that row's training run (the same config and overrides)
+    deploy: dict[str, str] = field(default_factory=dict)  # column -> a deploy file (jobs/configs): score the run's
+    # deployment (`mtl-ray deploy`: the Tune-chosen test-time values recorded with it), not the run itself
 
 
 FINETUNE = ("algorithm.finetune_steps=20", "algorithm.finetune_lr=0.01")  # README's measured setting
+OMNIGLOT = ("Omniglot held-out alphabets, 5-way 1-shot", "Omniglot held-out alphabets, 5-way 5-shot", LAKE)
 CROSS_DOMAIN = ("glyph scripts (test split), 5-way 1-shot", "digits, 5-way 1-shot", "Fashion-MNIST, 5-way 1-shot")
 ROWS: tuple[Row, ...] = (
     Row("maml", "MAML from scratch", "omniglot_maml.yaml", "scratch_maml", head_based=True),
@@ -100,8 +106,10 @@ ROWS: tuple[Row, ...] = (
         eval_overrides=("pretrain.probe=cosine",)),
     Row("metasgd", "pretrain + Meta-SGD (all weights)", "omniglot_metasgd_pretrained.yaml", "meta", init=True,
         head_based=True),
-    # hook: optim.hard_tasks (another branch) goes in train_overrides, or --row-override mtl=optim.hard_tasks=...
-    Row("mtl", "pretrain + MTL (frozen body; scale/shift)", "omniglot_mtl.yaml", "meta", init=True, head_based=True),
+    # MTL's hard-task meta-batch (Sun et al. 2019 Sec. 4.2): a quarter of the meta-batch again, re-sampled from the
+    # step's failure classes, as an additional outer step
+    Row("mtl", "pretrain + MTL (frozen body; scale/shift; hard tasks)", "omniglot_mtl.yaml", "meta", init=True,
+        head_based=True, train_overrides=("optim.hard_tasks=8",)),
     Row("meta_baseline", "pretrain + Meta-Baseline", "omniglot_protonet.yaml", "metric", init=True,
         train_overrides=("algorithm.name=meta_baseline",)),
     Row("r2d2", "pretrain + R2-D2", "omniglot_protonet.yaml", "metric", init=True,
@@ -112,6 +120,13 @@ ROWS: tuple[Row, ...] = (
     Row("pmf", "P>M>F: pretrain + ProtoNet + test-time fine-tuning", "omniglot_protonet.yaml", "metric", init=True,
         eval_overrides=FINETUNE,
         column_overrides={c: ("algorithm.finetune_augment=true",) for c in CROSS_DOMAIN}),
+    # the same run, deployed per target domain by `mtl-ray deploy` (a Ray Tune search over finetune_steps, _lr and
+    # _augment on the target's validation episodes; Omniglot's file serves its three columns)
+    Row("pmf_tuned", "P>M>F with Tune-chosen fine-tuning per domain", "omniglot_protonet.yaml", "metric", init=True,
+        trained_as="pmf", deploy={**{c: "deploy_omniglot.yaml" for c in OMNIGLOT},
+                                  "glyph scripts (test split), 5-way 1-shot": "deploy_glyphs.yaml",
+                                  "digits, 5-way 1-shot": "deploy_digits.yaml",
+                                  "Fashion-MNIST, 5-way 1-shot": "deploy_fashion.yaml"}),
 )
 BUDGETS = {  # --*-steps defaults: MAML gets about the time of pretraining + meta-training (docs/transfer.md)
     "scratch_maml": 70, "scratch_protonet": 1000, "pretrain": 1500, "meta": 40, "metric": 300,
@@ -188,8 +203,18 @@ class Bench:
         extra = list(row.train_overrides) + list(self.extra.get(row.key, []))
         if row.init:
             extra.append(f"model.init={self.pretrained()['run_dir']}")
-        trained = self.train(row.key, "train", row.config, self.steps[row.budget], extra)
+        trained = self.train(row.trained_as or row.key, "train", row.config, self.steps[row.budget], extra)
         return {**trained, "eval_overrides": list(row.eval_overrides)}
+
+    def deployed(self, row: Row, m: dict, deploy_file: str) -> dict:
+        """``mtl-ray deploy`` of the row's run with ``deploy_file`` (once per file): its directory and search."""
+        out = Path(m["run_dir"]) / f"deploy-{Path(deploy_file).stem.removeprefix('deploy_')}"
+        cmd = [*self.cli, "deploy", m["run_dir"], str(CONFIGS / deploy_file), "--out", str(out), "--overwrite"]
+        tag = f"{row.key}-{out.name}"
+        text, wall = self._cached(Path(m["run_dir"]) / f"{tag}.done.json", cmd, Path(m["run_dir"]) / f"{tag}.log")
+        chosen = re.search(r"^chosen: (.*)$", text, re.M)
+        return {"dir": str(out), "chosen": chosen.group(1) if chosen else "", "wall_s": wall,
+                "command": shlex.join(["mtl-ray", *cmd[3:]])}
 
     def score(self, row: Row, m: dict) -> None:
         m["eval"] = {}
@@ -198,12 +223,18 @@ class Bench:
                 m["eval"][column] = {"na": "a 5-output head: no 20-way Lake runs"}
                 continue
             ov = [*overrides, *row.eval_overrides, *row.column_overrides.get(column, ())]
+            target, deployment = m["run_dir"], None
+            if column in row.deploy:  # the deployed checkpoint carries the target's keys and the chosen values
+                deployment = self.deployed(row, m, row.deploy[column])
+                target = deployment["dir"]
             what = ["--lake"] if column == LAKE else ["--episodes", str(self.args.episodes)]
-            cmd = [*self.cli, "eval", m["run_dir"], *ov, *what]  # --lake last: it takes an optional path
+            cmd = [*self.cli, "eval", target, *ov, *what]  # --lake last: it takes an optional path
             tag = f"eval-{row.key}-{i}"
             out, wall = self._cached(Path(m["run_dir"]) / f"{tag}.done.json", cmd, Path(m["run_dir"]) / f"{tag}.log")
             cell = lake_cell(out) if column == LAKE else acc_cell(out)
             cell.update({"command": shlex.join(["mtl-ray", *cmd[3:]]), "wall_s": wall})
+            if deployment is not None:
+                cell["deploy"] = deployment
             m["eval"][column] = cell
             print(f"{row.label} | {column}: {fmt(cell)}", flush=True)
 
@@ -285,6 +316,8 @@ def render(results: dict) -> str:
         row = next(r for r in ROWS if r.key == key)
         if not row.config:
             training = "the pretraining run"
+        elif row.trained_as:
+            training = f"the {next(r.label for r in ROWS if r.key == row.trained_as).split(':')[0]} run + searches"
         else:
             training = f"{m['steps']} steps, {m['wall_s'] / 60:.1f} min"
             if row.init:
@@ -306,6 +339,11 @@ def render(results: dict) -> str:
         how.append(f"- {m['label']}: `{m['config']}` with `{' '.join(m['overrides'])}`; {m['steps']} steps, "
                    f"{m['wall_s'] / 60:.1f} min wall time ({m['train_s'] / 60:.1f} min training); eval overrides "
                    f"`{ev}`" + (f", and per column {per_col}" if per_col else "") + f"; run dir `{_rel(m['run_dir'])}`")
+        searches = {c["deploy"]["dir"]: c["deploy"] for c in m["eval"].values() if "deploy" in c}
+        for where, d in searches.items():
+            cols_of = ", ".join(c for c, cell in m["eval"].items() if cell.get("deploy", {}).get("dir") == where)
+            how.append(f"  - {cols_of}: `{d['command'].replace(str(ROOT) + '/', '')}` chose `{d['chosen']}` "
+                       f"({d['wall_s'] / 60:.1f} min); scored as the deployed directory `{_rel(where)}`")
     steps = results["steps"]
     command = shlex.join(["python", "bench/transfer.py", *results["argv"]])
     return "\n".join([

@@ -41,6 +41,9 @@ def test_the_page_has_every_row_and_column_and_the_command_that_regenerates_it()
     for row in transfer.ROWS:
         ev = {c: ({"na": "head"} if c == transfer.LAKE and row.head_based
                   else {"error_pct": 10.0, "ci95_pct": 4.2} if c == transfer.LAKE else cell) for c in transfer.COLUMNS}
+        for c, f in row.deploy.items():  # a deployed column: its search, once per deploy file
+            ev[c] = {**ev[c], "deploy": {"dir": f"/tmp/r/deploy-{f}", "chosen": f"algorithm.finetune_steps={len(f)}",
+                                         "wall_s": 30.0, "command": f"mtl-ray deploy /tmp/r jobs/configs/{f}"}}
         methods[row.key] = {"label": row.label, **run, "eval_overrides": list(row.eval_overrides), "eval": ev}
     page = transfer.render({"episodes": 600, "cpus": 2, "steps": {"meta": 40}, "scale": 1.0, "argv": ["--rows", "mtl"],
                             "commit": "abc", "total_s": 7200.0, "pretrain": run, "methods": methods})
@@ -49,3 +52,8 @@ def test_the_page_has_every_row_and_column_and_the_command_that_regenerates_it()
     assert len(table) == 1 + len(transfer.ROWS) and all(c in table[0] for c in transfer.COLUMNS)
     assert sum("n/a" in line for line in table) == sum(r.head_based for r in transfer.ROWS) == 3
     assert "algorithm.finetune_augment=true" in page and "pretrain.probe=cosine" in page
+    tuned = next(r for r in transfer.ROWS if r.deploy)  # P>M>F with Tune-chosen values: every column deployed
+    assert set(tuned.deploy) == set(transfer.COLUMNS) and tuned.trained_as == "pmf"
+    searches = [line for line in page.splitlines() if line.startswith("  - ") and "mtl-ray deploy" in line]
+    assert len(searches) == len(set(tuned.deploy.values())) == 4  # Omniglot's one search serves its 3 columns
+    assert all(f"algorithm.finetune_steps={len(f)}" in page for f in tuned.deploy.values())

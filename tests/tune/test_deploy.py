@@ -150,3 +150,17 @@ def test_a_bad_pipeline_names_every_problem_before_anything_runs(omniglot_root, 
     text = str(e.value)
     assert "model section" in text and "absent.yaml" in text
     assert not (tmp_path / "pmf").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("deploy_*.yaml")))
+def test_every_shipped_deploy_file_is_valid_for_the_shipped_protonet(name, omniglot_root):
+    """Each shipped search file loads and passes the checks a real search runs before Ray starts (its target's
+    keys, every value of its space, the target's data in its split and test), against the model bench/transfer.py
+    deploys: jobs/configs/omniglot_protonet.yaml."""
+    from mtl_ray.components import load_config
+    from mtl_ray.tune.deploy import check_deploy, load_deploy
+
+    cfg = load_config(CONFIGS / "omniglot_protonet.yaml", [f"data.root={omniglot_root}"])
+    spec = load_deploy(CONFIGS / name)
+    assert spec.name == name.removeprefix("deploy_").removesuffix(".yaml") and spec.split == "val"
+    assert check_deploy(spec, cfg) == []
