@@ -8,12 +8,15 @@ an address where nothing listens forever.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import socket
+from collections.abc import Iterator
 
 import ray
+import ray.util
 
 from mtl_ray.config import Config, UserError
 from mtl_ray.runtime import DropMessages
@@ -80,9 +83,39 @@ def connect(cfg: Config, min_cpus: float | None = None, *, dashboard: bool = Fal
         # Ray's advice that token auth is on (its default for a new local cluster), printed at every start; the
         # warning that auth is *off* still shows.
         logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TOKEN_AUTH_ON)
-        # "local": a new instance even if `ray start` left a cluster on this machine (use address=auto for that)
-        ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, log_to_driver=True)
+        # "local": a new instance even if `ray start` left a cluster on this machine (use address=auto for that).
+        # Its processes are told its address: Ray's own code in them that looks for "the" local Ray (Ray Train's
+        # placement-group cleaner, the state API) would otherwise fail with "Found multiple active Ray instances"
+        # whenever another Ray runs on this machine (a second training run, a sweep).
+        port = os.environ.get(GCS_PORT) or str(_free_port())
+        address = f"{ray.util.get_node_ip_address()}:{port}"
+        with _env(GCS_PORT, port):
+            ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, log_to_driver=True,
+                     runtime_env={"env_vars": {"RAY_ADDRESS": address}})
     return True
+
+
+GCS_PORT = "RAY_GCS_SERVER_PORT"  # the port a new local Ray's GCS listens on (read by Ray when it starts one)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    """``os.environ[name] = value`` for the block, then as it was."""
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
 
 
 _TOKEN_AUTH_ON = DropMessages("Token authentication is enabled for this Ray cluster")

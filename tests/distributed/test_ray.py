@@ -212,3 +212,57 @@ def test_node_lost_mid_run(ray_cluster, reference, reduce, tmp_path):
         trainer.close()
     assert summary.tasks == STEPS * META_BATCH
     _assert_same(trainer.params, reference["params"])
+
+
+_SECOND_RAY = """
+import subprocess, sys
+import ray
+from ray._private.services import find_gcs_addresses
+from mtl_ray.components import from_dict
+from mtl_ray.ray_session import connect
+
+assert connect(from_dict({"scaling": {"num_workers": 1}}), dashboard=True)
+
+@ray.remote(num_cpus=0)
+class Mine:
+    def ready(self):
+        return True
+
+mine = Mine.options(name="mtl-ray-test-mine").remote()
+ray.get(mine.ready.remote())
+# another Ray started on this machine after ours: the one Ray's "latest cluster" guess would pick
+later = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(address='local', num_cpus=1); "
+                          "print('up', flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True)
+assert later.stdout.readline().strip() == "up"
+others = len(find_gcs_addresses())
+
+@ray.remote(num_cpus=0)
+def actors():  # Ray's state API, as Ray Train's placement-group cleaner calls it: address=None, "the" local Ray
+    from ray.util.state import list_actors
+    try:
+        return len(list_actors(filters=[("name", "=", "mtl-ray-test-mine")]))
+    except ConnectionError:  # "Found multiple active Ray instances"
+        return -1
+
+try:
+    print(others, ray.get(actors.remote()), flush=True)
+finally:
+    later.kill()
+    ray.shutdown()
+"""
+
+
+def test_a_local_ray_started_beside_another_tells_its_processes_which_it_is():
+    """With another Ray on the machine (started after ours: the one Ray's "latest cluster" guess picks), a command
+    that started its own local Ray (a second training run on the same machine) still has Ray's own address lookups
+    inside its workers find it, rather than fail with "Found multiple active Ray instances" (the traceback Ray
+    Train's placement-group cleaner printed) or ask the other Ray."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}  # as a user's shell
+    out = subprocess.run([sys.executable, "-c", _SECOND_RAY], capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    gcs_running, actors = (int(x) for x in out.stdout.split()[-2:])
+    assert gcs_running >= 2 and actors == 1, out.stdout  # two Rays here, and the state API asked ours
