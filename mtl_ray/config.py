@@ -228,6 +228,11 @@ class ScalingConfig:
     # coordinating (a lost worker restarts the group from the last checkpoint, up to scaling.max_restarts times).
     # The same weights in every mode, to float rounding.
     reduce: str = REDUCE_FLAT
+    # elastic workers: 0, a fixed num_workers; M >= num_workers, start num_workers and add workers (up to M) on
+    # resources that become free while training (a node joined: the autoscaler's, `ray start --address`); lost ones
+    # are replaced as always. Tasks are pure functions of their coordinates: the weights are those of a fixed-size
+    # run, to float rounding (docs/scaling.md, "Elastic workers")
+    max_workers: int = 0
 
 
 @dataclass(frozen=True)
@@ -620,6 +625,17 @@ def check_static(cfg: Config) -> list[str]:
         p.append(f"optim.meta_batch_size: got {o.meta_batch_size} with scaling.reduce=collective on "
                  f"{s.num_workers} workers, expected >= {s.num_workers} (every replica computes a share of each "
                  "meta-batch); raise optim.meta_batch_size or lower scaling.num_workers")
+    if s.max_workers < 0:
+        p.append(f"scaling.max_workers: got {s.max_workers}, expected 0 (a fixed number of workers) or the most "
+                 "workers to grow to (>= scaling.num_workers)")
+    elif s.max_workers and (s.max_workers < s.num_workers or s.num_workers == 0 or s.reduce == REDUCE_COLLECTIVE):
+        why = ("a Ray Train group's size is fixed when it starts" if s.reduce == REDUCE_COLLECTIVE
+               else f"at least scaling.num_workers={s.num_workers}, the workers it starts with (>= 1: in-process "
+               "training has no workers to add to)")
+        p.append(f"scaling.max_workers: got {s.max_workers} with scaling.num_workers={s.num_workers} and "
+                 f"scaling.reduce={s.reduce}, expected 0 or {why}; set scaling.max_workers=0 for a fixed number "
+                 "of workers" + (", or scaling.reduce=flat (or node) to add workers while training"
+                                 if s.reduce == REDUCE_COLLECTIVE else ""))
     if s.reduce == REDUCE_COLLECTIVE and o.hard_tasks > 0:
         p.append(f"optim.hard_tasks: got {o.hard_tasks} with scaling.reduce=collective, expected 0: the replicas do "
                  "not exchange the failure classes hard tasks are drawn from; set optim.hard_tasks=0, or "

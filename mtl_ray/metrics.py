@@ -7,6 +7,7 @@ META_TRAIN_SKIPPED_STEPS = "meta_train/skipped_steps"
 META_TRAIN_OVERHEAD = "meta_train/overhead"  # fraction of a step outside the slowest shard's compute
 META_TRAIN_WORKER_FAULTS = "meta_train/worker_faults"  # shards re-run because their worker died
 META_TRAIN_GRAD_NORM = "meta_train/grad_norm"
+META_TRAIN_SHARDS = "meta_train/shards"  # shards the step's tasks were split into: its workers (scaling.max_workers)
 # optim.hard_tasks > 0: the step's additional meta-step on hard tasks (Sun et al. 2019 Sec. 4.2), its tasks' means
 META_TRAIN_HARD_LOSS = "meta_train/hard_loss"
 META_TRAIN_HARD_ACC = "meta_train/hard_acc"

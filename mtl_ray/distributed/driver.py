@@ -166,6 +166,7 @@ class MetaTrainer:
         out[M.META_TRAIN_GRAD_NORM] = grad_norm
         out[M.META_TRAIN_SKIPPED_STEPS] = float(self.skipped_steps)
         out[M.META_TRAIN_WORKER_FAULTS] = float(self.executor.faults)
+        out[M.META_TRAIN_SHARDS] = float(len(shards))
         out[M.META_TRAIN_TASKS_PER_S] = num_tasks / step_s
         return out
 

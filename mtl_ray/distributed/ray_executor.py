@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -40,6 +41,7 @@ from mtl_ray.distributed.worker import ShardWorker, resolve_device
 from mtl_ray.ray_session import connect
 
 log = logging.getLogger(__name__)
+GROW_EVERY_S = 5.0  # scaling.max_workers: how often a step looks for free resources (a GCS call)
 
 
 class StepTimeoutError(RuntimeError):
@@ -143,6 +145,12 @@ class RayExecutor:
             **({} if ray.util.get_current_placement_group() else {"scheduling_strategy": "SPREAD"}))
         self.actors = [self._new_actor() for _ in range(s.num_workers)]
         self._probes = [_probe(a) for a in self.actors]
+        # scaling.max_workers: grow into resources that become free (not inside a Tune trial's placement group,
+        # whose resources are fixed); checked at most every grow_every_s, at the start of a step
+        self.max_workers = 0 if ray.util.get_current_placement_group() else s.max_workers
+        self.grow_every_s = GROW_EVERY_S
+        self.joined = 0  # workers added while training
+        self._next_grow = 0.0
         # Every worker loads its data before the first step, so start-up errors surface here.
         try:
             ray.get(self._probes, timeout=self.timeout_s)
@@ -155,6 +163,30 @@ class RayExecutor:
                 "scaling.cpus_per_worker/gpus_per_worker, or add nodes")
             self.close()
             raise error from None
+
+    def grow(self) -> int:
+        """``scaling.max_workers``: start workers on resources free now (a node that joined), up to max_workers;
+        returns how many. Workers still starting (or replacing lost ones) are counted first: they take free
+        resources before new ones would. Shards go to a new worker once it is up (:meth:`_ready_slots`)."""
+        room = self.max_workers - len(self.actors)
+        now = time.monotonic()
+        if room <= 0 or now < self._next_grow:
+            return 0
+        self._next_grow = now + self.grow_every_s
+        s, free = self.cfg.scaling, ray.available_resources()
+        fits = [math.floor(free.get(r, 0.0) / need + 1e-9) for r, need in
+                (("CPU", s.cpus_per_worker), ("GPU", s.gpus_per_worker)) if need > 0]
+        up, _ = ray.wait(self._probes, num_returns=len(self._probes), timeout=0)
+        n = min(room, *fits) - (len(self._probes) - len(up)) if fits else room
+        for _ in range(max(n, 0)):
+            self.actors.append(self._new_actor())
+            self._probes.append(_probe(self.actors[-1]))
+        if n > 0:
+            self.joined += n
+            self.num_shards = len(self.actors)
+            log.info("%d worker(s) joined: %d of scaling.max_workers=%d (cluster: %s)", n, len(self.actors),
+                     self.max_workers, _resources())
+        return max(n, 0)
 
     def _new_actor(self) -> Any:
         return self._actor_cls.remote(self._cfg_json, self.cfg.scaling.gpus_per_worker)
@@ -171,6 +203,8 @@ class RayExecutor:
         t0 = time.perf_counter()
         ref = ray.put(to_numpy(params))  # one broadcast per step: every actor reads the same object
         self.broadcast_s = time.perf_counter() - t0
+        if classes is None:
+            self.grow()  # new workers take shards from the next step on (the driver has sharded this one)
 
         def args(s: Sequence[int]) -> tuple:
             return (ref, step, list(s)) if classes is None else (ref, step, list(s), [list(classes[h]) for h in s])

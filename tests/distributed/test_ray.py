@@ -10,7 +10,9 @@ import pytest
 import ray
 import torch
 
+from mtl_ray import metrics as M
 from mtl_ray.components import from_dict
+from mtl_ray.config import ConfigError
 from mtl_ray.distributed.driver import MetaTrainer, reduce_results
 from mtl_ray.distributed.executor import shard
 from mtl_ray.distributed.ray_executor import RayExecutor, StepTimeoutError
@@ -212,6 +214,48 @@ def test_node_lost_mid_run(ray_cluster, reference, reduce, tmp_path):
         trainer.close()
     assert summary.tasks == STEPS * META_BATCH
     _assert_same(trainer.params, reference["params"])
+
+
+@pytest.mark.cluster
+def test_a_node_added_mid_run_gets_workers_and_the_weights_stay(ray_cluster, reference, tmp_path):
+    """scaling.max_workers: a run that starts with the one worker the head holds (3 of its 4 CPUs) grows onto a
+    node added mid-run; every task is trained once and the weights are the fixed-size (in-process) run's."""
+    added: list = []
+    shards: list[float] = []
+
+    class AddNode:
+        def on_metrics(self, step, metrics):
+            shards.append(metrics[M.META_TRAIN_SHARDS])
+            if step == 3 and not added:
+                added.append(ray_cluster.add_node(num_cpus=3))
+                ray_cluster.wait_for_nodes()
+
+    trainer = MetaTrainer.create(_cfg(1, **{"scaling.cpus_per_worker": 3, "scaling.max_workers": 2}), tmp_path,
+                                 callbacks=[AddNode()])
+    trainer.executor.grow_every_s = 0.0  # look for free resources every step
+    try:
+        summary = trainer.fit()
+        nodes = set(trainer.executor.node_ids())
+    finally:
+        trainer.close()
+        for node in added:
+            ray_cluster.remove_node(node)
+    assert trainer.executor.joined == 1 and len(nodes) == 2
+    assert shards[:3] == [1, 1, 1] and shards[-1] == 2, shards  # one worker until the node came, then two
+    _assert_fault_free_run(trainer, summary, reference)
+
+
+def test_bad_max_workers_is_one_clear_config_error():
+    for over, message in [({"scaling.num_workers": 2, "scaling.max_workers": 1},
+                           "scaling.max_workers: got 1 with scaling.num_workers=2 and scaling.reduce=flat, expected 0 "
+                           "or at least scaling.num_workers=2"),
+                          ({"scaling.num_workers": 2, "scaling.max_workers": 4, "scaling.reduce": "collective"},
+                           "a Ray Train group's size is fixed when it starts"),
+                          ({"scaling.num_workers": 0, "scaling.max_workers": 2}, "in-process training has no workers"),
+                          ({"scaling.max_workers": -1}, "scaling.max_workers: got -1, expected 0")]:
+        with pytest.raises(ConfigError) as err:
+            _cfg(over.pop("scaling.num_workers", 1), **over)
+        assert message in str(err.value), str(err.value)
 
 
 _SECOND_RAY = """
