@@ -53,7 +53,7 @@ class ShardWorker:
     afresh. Tasks are a pure function of their coordinates, so results are bit-identical either way; the source is
     never used by two threads at once (every other sample waits for the one in flight)."""
 
-    def __init__(self, cfg: Config | str, device: str | torch.device = "cpu", *, prefetch: bool = True):
+    def __init__(self, cfg: Config | str, device: str | torch.device = "cpu", *, prefetch: bool | None = None):
         self.cfg = from_dict(json.loads(cfg)) if isinstance(cfg, str) else cfg
         tune_allocator()
         if self.cfg.scaling.torch_threads:
@@ -67,7 +67,10 @@ class ShardWorker:
         self.bf16 = self.cfg.scaling.precision == "bf16"
         # fp64: inputs and weights in float64 (None: as they come, float32)
         self.dtype = torch.float64 if self.cfg.scaling.precision == "fp64" else None
-        self.prefetch = prefetch
+        # None: for image sources, whose sampling (decoding, stacking, augmenting) is numpy and torch work that
+        # releases the GIL; not for regression sources, whose sampling is Python-bound and would take the GIL from
+        # the step's own dispatch (sinusoid: fit/kernel 0.77 without, 0.65 with, docs/benchmarks.md)
+        self.prefetch = isinstance(self.learner.source, PoolTaskSource) if prefetch is None else prefetch
         self._next: _Prefetch | None = None  # the next step's training tasks, being sampled
         self._pool: ThreadPoolExecutor | None = None  # its thread, started with the first prefetch
         self.prefetch_hits = 0  # meta-training shards served by the prefetched batch

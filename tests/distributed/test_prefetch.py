@@ -34,8 +34,17 @@ def _trainer(cfg, run_dir, prefetch: bool, resume: bool = False, shards: int = 1
     return MetaTrainer.create(cfg, run_dir, resume=resume, executor=executor)
 
 
-def _reference(tmp_path, shards: int = 1) -> MetaTrainer:
-    ref = _trainer(_sinusoid(), tmp_path / "off", prefetch=False, shards=shards)
+def _digits(workers: int = 0):
+    """An image source: its workers prefetch by default (a regression source's do not)."""
+    return from_dict({"data": {"source": "digits", "image_size": 8, "ways": 3, "shots": 1, "queries": 2},
+                      "model": {"channels": 4, "blocks": 2}, "algorithm": {"name": "maml", "inner_steps": 1},
+                      "optim": {"meta_batch_size": 6, "steps": 6, "val_every": 3, "val_tasks": 4},
+                      "scaling": {"num_workers": workers, "torch_threads": 1, "cpus_per_worker": 1},
+                      "tracking": {"checkpoint_every": 3, "progress": False, "mlflow": False}})
+
+
+def _reference(tmp_path, shards: int = 1, cfg=None) -> MetaTrainer:
+    ref = _trainer(cfg or _sinusoid(), tmp_path / "off", prefetch=False, shards=shards)
     ref.fit()
     ref.close()
     assert ref.executor.worker.prefetch_hits == 0
@@ -74,16 +83,17 @@ def test_augmented_tasks_prefetched_equal_fresh_ones_and_other_requests_sample_a
     val = on.evaluate(params, "val", 0, [0, 1], 1)
     _equal(val, off.evaluate(params, "val", 0, [0, 1], 1))
     _equal(on.meta_gradient(params, 6, [1, 2]).grads, off.meta_gradient(params, 6, [1, 2]).grads)
-    assert on.prefetch_hits == 3 and off.prefetch_hits == 0
+    assert on.prefetch_hits == 3 and off.prefetch_hits == 0  # on by default for an image source
     on.close()
+    assert not ShardWorker(_sinusoid()).prefetch  # and off for a regression source (its sampling holds the GIL)
 
 
 def test_ray_workers_prefetch_and_match_in_process_bit_for_bit(ray_cluster, tmp_path):
     """2 actors (prefetch on) against the same two shards in-process with prefetch off: the same bits."""
     import ray
 
-    ref = _reference(tmp_path, shards=2)
-    trainer = MetaTrainer.create(_sinusoid(workers=2), tmp_path / "ray")
+    ref = _reference(tmp_path, shards=2, cfg=_digits())
+    trainer = MetaTrainer.create(_digits(workers=2), tmp_path / "ray")
     try:
         trainer.fit()
         hits = ray.get([a.prefetch_hits.remote() for a in trainer.executor.actors])
