@@ -13,7 +13,9 @@ the page faults taken while training.
     python bench/train_speed.py jobs/configs/sinusoid_maml.yaml --steps 300 --kernel algorithm.compile=true
 
 ``--kernel`` also times the meta-gradient alone in a loop on one sampled meta-batch (the kernel) and prints
-kernel tasks/s, fit()'s tasks/s and their ratio, and the step's split: sampling, meta-gradient, the rest.
+kernel tasks/s, fit()'s tasks/s and their ratio, and the step's split: sampling, meta-gradient, the rest; then
+``--rounds`` rounds of fit() and the kernel in turn, and the median of their per-round ratios (the figure to
+quote on a machine whose load changes).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes")
     p.add_argument("--val-tasks", type=int, default=600, help="meta-validation tasks at the end")
     p.add_argument("--kernel", action="store_true", help="also time the meta-gradient alone (see above)")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="--kernel: then alternate fit() and the kernel this many times, --steps/rounds steps each, "
+                        "and print their ratio per round and its median (load that drifts hits both alike)")
     args = p.parse_intermixed_args(argv)  # overrides may come after --minutes
     cfg = load_config(args.config, [
         "scaling.num_workers=0", "scaling.torch_threads=0", "optim.steps=1000000", "optim.val_every=0",
@@ -56,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         usage = resource.getrusage(resource.RUSAGE_SELF)  # training only: before the final validation
         faults, peak_rss_mib = usage.ru_minflt - faults, usage.ru_maxrss / 1024
         kernel = _kernel(trainer, cfg, max(args.steps, 50), summary.tasks_per_s) if args.kernel else {}
+        if args.kernel and args.rounds:
+            kernel.update(_interleaved(trainer, cfg, max(args.steps, 50) // args.rounds, args.rounds))
         final_val = trainer.meta_validate()
         trainer.close()
     print(json.dumps({
@@ -92,6 +99,28 @@ def _kernel(trainer: MetaTrainer, cfg: Config, steps: int, fit_tasks_per_s: floa
     return {"kernel_tasks_per_s": n / kernel_s, "fit_over_kernel": fit_tasks_per_s * kernel_s / n,
             "step_ms": 1e3 * step_s, "kernel_ms": 1e3 * kernel_s, "sample_ms": 1e3 * sample_s,
             "rest_ms": 1e3 * (step_s - kernel_s)}
+
+
+def _interleaved(trainer: MetaTrainer, cfg: Config, steps: int, rounds: int) -> dict[str, object]:
+    """fit() for ``steps`` steps, then the kernel ``steps`` times on one meta-batch, ``rounds`` times in turn."""
+    worker = trainer.executor.worker  # type: ignore[attr-defined]
+    n = cfg.optim.meta_batch_size
+    batch = worker._sample("train", 0, range(n), augment=True)
+    ratios = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        trainer.fit(until=trainer.step + steps)
+        fit_s = time.perf_counter() - t0
+        params = worker._params(trainer.params)
+        t0 = time.perf_counter()
+        with worker._numerics():
+            for _ in range(steps):
+                worker.learner.algorithm.meta_gradient(params, batch)
+        if batch.support_x.is_cuda:
+            torch.cuda.synchronize()
+        ratios.append((time.perf_counter() - t0) / fit_s)
+    return {"fit_over_kernel_rounds": [round(r, 3) for r in ratios],
+            "fit_over_kernel_median": sorted(ratios)[len(ratios) // 2]}
 
 
 if __name__ == "__main__":
