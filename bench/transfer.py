@@ -345,7 +345,11 @@ def render(results: dict) -> str:
             how.append(f"  - {cols_of}: `{d['command'].replace(str(ROOT) + '/', '')}` chose `{d['chosen']}` "
                        f"({d['wall_s'] / 60:.1f} min); scored as the deployed directory `{_rel(where)}`")
     steps = results["steps"]
-    command = shlex.join(["python", "bench/transfer.py", *results["argv"]])
+    argv = list(results["argv"])
+    while "--reuse" in argv:  # the cache of finished runs it read, not a setting: the same numbers without it
+        at = argv.index("--reuse")
+        del argv[at:at + 2]
+    command = shlex.join(["python", "bench/transfer.py", *argv])
     return "\n".join([
         "# Meta-transfer learning: results",
         "",

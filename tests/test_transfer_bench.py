@@ -45,8 +45,9 @@ def test_the_page_has_every_row_and_column_and_the_command_that_regenerates_it()
             ev[c] = {**ev[c], "deploy": {"dir": f"/tmp/r/deploy-{f}", "chosen": f"algorithm.finetune_steps={len(f)}",
                                          "wall_s": 30.0, "command": f"mtl-ray deploy /tmp/r jobs/configs/{f}"}}
         methods[row.key] = {"label": row.label, **run, "eval_overrides": list(row.eval_overrides), "eval": ev}
-    page = transfer.render({"episodes": 600, "cpus": 2, "steps": {"meta": 40}, "scale": 1.0, "argv": ["--rows", "mtl"],
-                            "commit": "abc", "total_s": 7200.0, "pretrain": run, "methods": methods})
+    page = transfer.render({"episodes": 600, "cpus": 2, "steps": {"meta": 40}, "scale": 1.0,
+                            "argv": ["--reuse", "x", "--rows", "mtl"], "commit": "abc", "total_s": 7200.0,
+                            "pretrain": run, "methods": methods})
     assert "`python bench/transfer.py --rows mtl`" in page
     table = [line for line in page.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(transfer.ROWS) and all(c in table[0] for c in transfer.COLUMNS)
