@@ -283,7 +283,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     bench = Bench(args)
     t0 = time.perf_counter()
-    rows = [r for r in ROWS if r.key in args.selected]
+    rows = [next(r for r in ROWS if r.key == k) for k in dict.fromkeys(args.selected)]  # in --rows order
     methods: dict[str, dict] = {}
     for row in rows:  # train every row first, then score: a failed evaluation leaves the trained runs reusable
         methods[row.key] = {"label": row.label, **bench.train_row(row)}
